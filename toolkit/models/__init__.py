@@ -1,0 +1,71 @@
+"""Model architectures. Importing this package registers each one with the transformers Auto classes."""
+
+from toolkit.models.decoder import DecoderConfig, DecoderForCausalLM, DecoderModel
+from toolkit.models.registry import (
+    ARCHITECTURES,
+    PRESETS,
+    Architecture,
+    Preset,
+    build_config,
+    count_parameters,
+    get_preset,
+    memory_estimate,
+    register_architecture,
+)
+
+register_architecture(
+    Architecture(
+        name="decoder",
+        config_class=DecoderConfig,
+        base_model_class=DecoderModel,
+        causal_lm_class=DecoderForCausalLM,
+        description="Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention",
+    ),
+    [
+        Preset("decoder-tiny", "decoder", {}, "for tests and the CPU demo"),
+        # GPT-2-small's width and depth with Llama's block: the classic 125M comparison point.
+        Preset(
+            "decoder-125m",
+            "decoder",
+            dict(
+                vocab_size=32000,
+                hidden_size=768,
+                intermediate_size=2048,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                num_key_value_heads=12,
+                max_position_embeddings=2048,
+            ),
+            "GPT-2-small scale",
+        ),
+        # TinyLlama-1.1B's shape: a known-good 1B point with 4 KV heads.
+        Preset(
+            "decoder-1b",
+            "decoder",
+            dict(
+                vocab_size=32000,
+                hidden_size=2048,
+                intermediate_size=5632,
+                num_hidden_layers=22,
+                num_attention_heads=32,
+                num_key_value_heads=4,
+                max_position_embeddings=2048,
+                tie_word_embeddings=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            ),
+            "TinyLlama-1.1B shape",
+        ),
+    ],
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "PRESETS",
+    "Architecture",
+    "Preset",
+    "build_config",
+    "count_parameters",
+    "get_preset",
+    "memory_estimate",
+    "register_architecture",
+]

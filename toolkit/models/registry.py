@@ -1,0 +1,115 @@
+"""Architectures and named presets: name -> config class, model classes, and sizes.
+
+Importing `toolkit` registers every architecture here with `AutoConfig`, `AutoModel` and
+`AutoModelForCausalLM`, so `from_pretrained` on a saved folder, `Trainer`, TRL and PEFT treat them like any
+Hub model. Presets are one table (as litgpt's `name_to_config`); their sizes are computed on the meta device,
+never allocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+
+from toolkit.errors import ToolkitError, nearest
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One registered architecture."""
+
+    name: str  # the config's model_type
+    config_class: type[PreTrainedConfig]
+    base_model_class: type[PreTrainedModel]
+    causal_lm_class: type[PreTrainedModel]
+    description: str
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration of an architecture; `config` holds only what differs from the defaults."""
+
+    name: str
+    arch: str
+    config: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+ARCHITECTURES: dict[str, Architecture] = {}
+PRESETS: dict[str, Preset] = {}
+
+
+def register_architecture(arch: Architecture, presets: list[Preset]) -> None:
+    """Add an architecture and its presets, and make the Auto classes resolve it."""
+    ARCHITECTURES[arch.name] = arch
+    for preset in presets:
+        PRESETS[preset.name] = preset
+    AutoConfig.register(arch.name, arch.config_class, exist_ok=True)
+    AutoModel.register(arch.config_class, arch.base_model_class, exist_ok=True)
+    AutoModelForCausalLM.register(arch.config_class, arch.causal_lm_class, exist_ok=True)
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; an unknown name is an error that suggests the nearest one."""
+    if name not in PRESETS:
+        guess = nearest(name, PRESETS)
+        hint = f" (did you mean '{guess}'?)" if guess else ""
+        raise ToolkitError(f"unknown preset '{name}'{hint}; `toolkit arch list` shows them all")
+    return PRESETS[name]
+
+
+def build_config(preset: str, **overrides: Any) -> PreTrainedConfig:
+    """The config of a preset, with `overrides` (e.g. the tokenizer's vocab size) applied."""
+    spec = get_preset(preset)
+    config_class = ARCHITECTURES[spec.arch].config_class
+    valid = set(config_class.__dataclass_fields__) if hasattr(config_class, "__dataclass_fields__") else None
+    for key in overrides:
+        if valid is not None and key not in valid:
+            guess = nearest(key, valid)
+            hint = f" (did you mean '{guess}'?)" if guess else ""
+            raise ToolkitError(f"unknown config field '{key}' for architecture '{spec.arch}'{hint}")
+    return config_class(**{**spec.config, **overrides})
+
+
+def meta_model(config: PreTrainedConfig) -> PreTrainedModel:
+    """The causal LM for `config` with every tensor on the meta device: shapes without memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def count_parameters(config: PreTrainedConfig) -> int:
+    """Trainable parameters; tied embeddings count once (`parameters()` yields shared tensors once)."""
+    return sum(p.numel() for p in meta_model(config).parameters())
+
+
+BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
+
+
+def memory_estimate(config: PreTrainedConfig) -> dict[str, Any]:
+    """Memory needed to run and to train `config`, in bytes.
+
+    Inference: weights per dtype, plus the KV cache for one sequence at full context in that dtype.
+    Training with AdamW: weights, gradients and the two optimizer moments. fp32 keeps all in float32
+    (4+4+8 bytes/param); bf16 mixed precision keeps bf16 weights and grads plus fp32 master weights and
+    moments (2+2+4+8). Activations depend on batch and sequence length and are left out.
+    """
+    n = count_parameters(config)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    context = getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0)
+    kv_values_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim
+    # The KV cache stays 16-bit for 16-bit and quantized weights (what llama.cpp and vLLM do by default).
+    inference = {
+        dtype: {"weights": n * size, "kv_cache": kv_values_per_token * context * (4 if size == 4 else 2)}
+        for dtype, size in BYTES_PER_PARAM.items()
+    }
+    training = {
+        "fp32": {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n},
+        "bf16-mixed": {"weights": 6 * n, "gradients": 2 * n, "optimizer": 8 * n},
+    }
+    for parts in training.values():
+        parts["total"] = sum(parts.values())
+    return {"parameters": n, "context": context, "inference": inference, "training": training}
