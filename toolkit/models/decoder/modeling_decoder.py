@@ -291,7 +291,9 @@ class DecoderModel(DecoderPreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
+            position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[
+                None
+            ]
 
         causal_mask = create_causal_mask(
             config=self.config,
@@ -360,7 +362,9 @@ class DecoderForCausalLM(DecoderPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -1,0 +1,87 @@
+"""Accuracy on checkable tasks: greedy answers to held-out prompts, scored by exact match.
+
+The prompts go through the model's own chat template, as a user would send them; scoring is
+`toolkit.data.tasks.score`, the same rule that built the data.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from toolkit.data.tasks import score
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an assistant turn: the tokenizer's eos plus ChatML's `<|im_end|>` when present."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(ids)
+
+
+@torch.no_grad()
+def generate_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+) -> list[str]:
+    """Greedy answers to single-turn user prompts, decoded without special tokens."""
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+    answers: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            texts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in prompts[start : start + batch_size]
+            ]
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            output = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=end_of_turn_ids(tokenizer),
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
+            answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+def task_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict[str, Any]],
+    max_new_tokens: int = 24,
+    batch_size: int = 32,
+    samples: int = 5,
+) -> dict[str, Any]:
+    """Overall and per-task accuracy on rows `{"task", "prompt", "answer"}`, with the first `samples` answers."""
+    predictions = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for row, prediction in zip(rows, predictions, strict=True):
+        hits[row.get("task", "all")].append(score(prediction, row["answer"]))
+    every = [h for task in hits.values() for h in task]
+    return {
+        "accuracy": sum(every) / max(len(every), 1),
+        "n": len(every),
+        "per_task": {task: sum(h) / len(h) for task, h in sorted(hits.items())},
+        "samples": [
+            {"prompt": r["prompt"], "answer": r["answer"], "prediction": p}
+            for r, p in zip(rows[:samples], predictions[:samples], strict=True)
+        ],
+    }

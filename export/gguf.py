@@ -1,0 +1,322 @@
+"""GGUF export: an HF folder becomes a GGUF file llama.cpp runs, written by gguf-py, then verified.
+
+The writer streams: tensor infos are computed from the safetensors headers alone, the header is written,
+then each tensor is read (memory-mapped), transformed as the architecture's export plan says, quantized and
+written before the next one is read, so peak memory stays near the largest tensor. gguf-py's `GGUFWriter`
+does the file format and `gguf.quants` the numpy quantization (byte-identical to ggml); K-quants come from
+llama.cpp's own quantizer (export/llama_cpp.py). What is ours is the mapping, which is data in
+`toolkit.models.plans`, and the checks that refuse before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from export.source import Source, resolve_source
+from export.tokenizer_gguf import GGUFVocab, add_vocab, read_vocab
+from toolkit.errors import ExportError
+from toolkit.models.plans import Config, GGUFPlan, TensorRule, get_plan
+
+Q = gguf.GGMLQuantizationType
+FT = gguf.LlamaFileType
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one `--quant` name is produced."""
+
+    matrix: Q  # type of 2-D tensors (K-quants: the intermediate file's type is chosen from the source)
+    file_type: FT
+    # Sub-8-bit numpy types keep the embedding and output projection at Q8_0: they carry most of the error
+    # (llama.cpp's own mixes keep them at 6 bits or more for the same reason).
+    edge: Q | None = None
+    llama_cpp: bool = False  # quantized by llama.cpp's quantizer from an f32/f16/bf16 file
+
+
+QUANTS: dict[str, QuantSpec] = {
+    "f32": QuantSpec(Q.F32, FT.ALL_F32),
+    "f16": QuantSpec(Q.F16, FT.MOSTLY_F16),
+    "bf16": QuantSpec(Q.BF16, FT.MOSTLY_BF16),
+    "q8_0": QuantSpec(Q.Q8_0, FT.MOSTLY_Q8_0),
+    "q4_0": QuantSpec(Q.Q4_0, FT.MOSTLY_Q4_0, edge=Q.Q8_0),
+    "q4_1": QuantSpec(Q.Q4_1, FT.MOSTLY_Q4_1, edge=Q.Q8_0),
+    "q5_0": QuantSpec(Q.Q5_0, FT.MOSTLY_Q5_0, edge=Q.Q8_0),
+    "q5_1": QuantSpec(Q.Q5_1, FT.MOSTLY_Q5_1, edge=Q.Q8_0),
+    "q4_k_m": QuantSpec(Q.Q4_K, FT.MOSTLY_Q4_K_M, llama_cpp=True),
+    "q5_k_m": QuantSpec(Q.Q5_K, FT.MOSTLY_Q5_K_M, llama_cpp=True),
+    "q6_k": QuantSpec(Q.Q6_K, FT.MOSTLY_Q6_K, llama_cpp=True),
+}
+EDGE_TENSORS = ("token_embd.weight", "output.weight")
+# A K-quant's intermediate file keeps the source precision, so quantization starts from the real weights.
+INTERMEDIATE = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
+
+
+@dataclass
+class TensorJob:
+    """One tensor to write: where it comes from, what it becomes."""
+
+    source: str
+    target: str
+    shape: tuple[int, ...]
+    source_dtype: str
+    rule: TensorRule
+    qtype: Q = Q.F32
+    fallback: str | None = None  # why it is not of the requested type
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype)))
+
+
+@dataclass
+class Checkpoint:
+    """The safetensors files of a folder: tensor name -> (file, shape, dtype), from the headers only."""
+
+    folder: Path
+    tensors: dict[str, tuple[Path, tuple[int, ...], str]] = field(default_factory=dict)
+
+    @classmethod
+    def scan(cls, folder: Path) -> Checkpoint:
+        checkpoint = cls(folder)
+        for file in sorted(folder.glob("*.safetensors")):
+            with open(file, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    checkpoint.tensors[name] = (file, tuple(info["shape"]), info["dtype"])
+        return checkpoint
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>\d+)") + "$")
+
+
+def plan_tensors(checkpoint: Checkpoint, plan: GGUFPlan, config: Config) -> list[TensorJob]:
+    """Map every checkpoint tensor through `plan`; refuse, naming it, any tensor the plan cannot place."""
+    rules = [(_pattern(rule.source), rule) for rule in plan.tensors]
+    ignored = [_pattern(p) for p in plan.ignored]
+    jobs: list[TensorJob] = []
+    unmapped: list[str] = []
+    for name, (_, shape, dtype) in checkpoint.tensors.items():
+        if any(p.match(name) for p in ignored):
+            continue
+        for pattern, rule in rules:
+            if match := pattern.match(name):
+                bid = match.groupdict().get("bid")
+                target = rule.target.format(bid=bid) if bid is not None else rule.target
+                jobs.append(TensorJob(name, target, shape, dtype, rule))
+                break
+        else:
+            unmapped.append(name)
+    if unmapped:
+        more = f" (and {len(unmapped) - 1} more)" if len(unmapped) > 1 else ""
+        raise ExportError(
+            f"tensor `{unmapped[0]}`{more} has no GGUF name in plan `{plan.arch}` "
+            f"(model_type `{config.get('model_type')}`); nothing was written"
+        )
+    present = {job.source for job in jobs}
+    for rule in plan.tensors:
+        if rule.optional:
+            continue
+        blocks = range(config["num_hidden_layers"]) if "{bid}" in rule.source else [None]
+        for bid in blocks:
+            name = rule.source.format(bid=bid)
+            if name not in present:
+                raise ExportError(f"plan `{plan.arch}` needs tensor `{name}`, which the checkpoint lacks")
+    return sorted(jobs, key=lambda j: _order(j.target))
+
+
+def _order(target: str) -> tuple[int, int, str]:
+    # token_embd first, blocks in order, then the output head: the layout llama.cpp's own files use.
+    if target.startswith("blk."):
+        return (1, int(target.split(".")[1]), target)
+    return (0 if target.startswith("token_embd") else 2, 0, target)
+
+
+def assign_types(jobs: list[TensorJob], spec: QuantSpec) -> None:
+    """Give each tensor its GGUF type: 1-D tensors F32, matrices the requested type when their rows fit its
+    blocks, else F16 (recorded as a fallback)."""
+    for job in jobs:
+        if len(job.shape) == 1:
+            job.qtype = Q.F32
+            continue
+        wanted = spec.edge if spec.edge is not None and job.target in EDGE_TENSORS else spec.matrix
+        block = gguf.GGML_QUANT_SIZES[wanted][0]
+        if job.shape[-1] % block:
+            job.qtype = Q.F16
+            job.fallback = f"rows of {job.shape[-1]} are not a multiple of {wanted.name}'s block of {block}"
+        else:
+            job.qtype = wanted
+
+
+def check_config(plan: GGUFPlan, config: Config) -> None:
+    """Refuse config values the target graph cannot represent, naming the component."""
+    for check in plan.checks:
+        value = check.value(config)
+        if value not in check.allowed:
+            raise ExportError(
+                f"{check.component} = {value!r} cannot be represented in llama.cpp's `{plan.arch}` graph "
+                f"(supported: {', '.join(repr(a) for a in check.allowed)})"
+            )
+    for hparam in plan.hparams:
+        if not hparam.optional and hparam.value(config) is None:
+            raise ExportError(f"config.json has no value for GGUF key {hparam.key.format(arch=plan.arch)}")
+
+
+def _add_metadata(writer: gguf.GGUFWriter, plan: GGUFPlan, config: Config, source: Source, spec: QuantSpec):
+    writer.add_type("model")
+    writer.add_name(source.name)
+    if source.license:
+        writer.add_license(source.license)
+    if source.lora:
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, source.lora["base"])
+    writer.add_file_type(int(spec.file_type))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for hparam in plan.hparams:
+        value = hparam.value(config)
+        if value is not None:
+            getattr(writer, f"add_{hparam.kind}")(hparam.key.format(arch=plan.arch), value)
+
+
+def _load(handles: dict[Path, Any], checkpoint: Checkpoint, job: TensorJob, config: Config) -> np.ndarray:
+    file = checkpoint.tensors[job.source][0]
+    # torch reads bf16, which numpy cannot; one float32 copy of one tensor is the peak.
+    data = handles[file].get_tensor(job.source).float().numpy()
+    if job.rule.transform is not None:
+        data = job.rule.transform(data, config)
+    return np.ascontiguousarray(data)
+
+
+def write_gguf(
+    out: Path, checkpoint: Checkpoint, jobs: list[TensorJob], plan: GGUFPlan, config: Config,
+    vocab: GGUFVocab, source: Source, spec: QuantSpec,
+) -> None:
+    """Write the GGUF to a temporary file beside `out` and rename it into place only when complete."""
+    from safetensors import safe_open
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    writer = gguf.GGUFWriter(tmp, plan.arch)
+    try:
+        _add_metadata(writer, plan, config, source, spec)
+        add_vocab(writer, vocab)
+        for job in jobs:
+            writer.add_tensor_info(job.target, job.shape, np.dtype(np.float32), job.nbytes, raw_dtype=job.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        with ExitStack() as stack:
+            files = {file for file, _, _ in checkpoint.tensors.values()}
+            handles = {f: stack.enter_context(safe_open(f, framework="pt")) for f in files}
+            for job in jobs:
+                data = gguf.quants.quantize(_load(handles, checkpoint, job, config), job.qtype)
+                writer.write_tensor_data(data)
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+
+
+def default_output(source: Source, quant: str) -> Path:
+    """`runs/<name>/gguf/<name>-<quant>.gguf` for a run, `<folder>/gguf/<name>-<quant>.gguf` otherwise."""
+    base = source.run_dir if source.run_dir is not None else source.folder
+    return base / "gguf" / f"{source.name}-{quant}.gguf"
+
+
+@dataclass
+class ExportResult:
+    """What `export_gguf` wrote and measured."""
+
+    path: Path
+    quant: str
+    seconds: float
+    tensor_types: dict[str, str]
+    fallbacks: dict[str, str]
+    report: dict[str, Any] | None = None  # verification, None with verify=False
+    lora: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.report is None or bool(self.report["ok"])
+
+
+def export_gguf(
+    src: str | Path,
+    quant: str = "f16",
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    n_threads: int | None = None,
+) -> ExportResult:
+    """Export SRC (HF folder or run folder) to a GGUF of type `quant`, verified in llama.cpp unless told not.
+
+    Everything that can refuse (architecture, config, tokenizer, tensor names, existing output) refuses
+    before a file is written. With `verify`, `<out>.report.json` holds the measured parity.
+    """
+    from export import verify as verification
+
+    if quant not in QUANTS:
+        raise ExportError(f"unknown quant type '{quant}'; supported: {', '.join(QUANTS)}")
+    spec = QUANTS[quant]
+    started = time.perf_counter()
+    source = resolve_source(src, prompts=verification.PROMPTS)
+    try:
+        out_path = Path(out) if out is not None else default_output(source, quant)
+        if out_path.exists() and not force:
+            raise ExportError(f"{out_path} exists; pass --force to replace it")
+        config = json.loads((source.folder / "config.json").read_text())
+        plan = get_plan(config.get("model_type", "?")).gguf
+        if plan is None:
+            raise ExportError(f"architecture '{config.get('model_type')}' declares no GGUF export in its plan")
+        check_config(plan, config)
+        vocab = read_vocab(source.folder, config["vocab_size"])
+        checkpoint = Checkpoint.scan(source.folder)
+        jobs = plan_tensors(checkpoint, plan, config)
+
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        if spec.llama_cpp:
+            from export.llama_cpp import quantize_with_llama_cpp
+
+            widest = max((job.source_dtype for job in jobs), key=lambda d: {"F32": 2, "F16": 1}.get(d, 0))
+            base = QUANTS[INTERMEDIATE.get(widest, "f32")]
+            assign_types(jobs, base)
+            intermediate = out_path.with_name(f".{out_path.name}.{os.getpid()}.source.gguf")
+            try:
+                write_gguf(intermediate, checkpoint, jobs, plan, config, vocab, source, base)
+                tensor_types, fallbacks = quantize_with_llama_cpp(intermediate, out_path, quant, n_threads)
+            finally:
+                intermediate.unlink(missing_ok=True)
+        else:
+            assign_types(jobs, spec)
+            write_gguf(out_path, checkpoint, jobs, plan, config, vocab, source, spec)
+            tensor_types = {job.target: job.qtype.name for job in jobs}
+            fallbacks = {job.target: job.fallback for job in jobs if job.fallback}
+        result = ExportResult(
+            out_path, quant, time.perf_counter() - started, tensor_types, fallbacks, lora=source.lora
+        )
+        if verify:
+            result.report = verification.verify_gguf(
+                out_path, source.folder, quant, plan, jobs, vocab, n_threads=n_threads
+            )
+            result.report.update(
+                export_seconds=result.seconds, tensor_types=tensor_types, fallbacks=fallbacks, lora=source.lora
+            )
+            from export.report import write_report
+
+            write_report(out_path, result.report)
+        return result
+    finally:
+        source.cleanup()

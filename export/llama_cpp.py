@@ -1,0 +1,114 @@
+"""llama.cpp through llama-cpp-python: K-quants with llama.cpp's own quantizer, and loading for verification.
+
+K-quant block search (and the per-tensor mixes of Q4_K_M / Q5_K_M) exist only in ggml's C code: gguf-py can
+dequantize K types but not produce them, so they come from `llama_model_quantize` on an f32/f16/bf16 GGUF
+that export/gguf.py wrote. No llama.cpp checkout or build is involved: llama-cpp-python ships the library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import ExportError
+
+# Types that count as "a K-quant" when deciding whether llama.cpp fell back on a tensor.
+K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
+K_BLOCK = 256
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise ExportError(
+            "llama-cpp-python is needed for K-quants and for verification: pip install 'forge-toolkit[gguf]' "
+            "(or pass --no-verify with a numpy quant type)"
+        ) from error
+    return llama_cpp
+
+
+@contextmanager
+def quiet() -> Any:
+    """Silence llama.cpp's load/quantize log (it goes through llama-cpp-python's logger)."""
+    logger = logging.getLogger("llama-cpp-python")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def default_threads() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def tensor_types(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """GGUF tensor name -> (type name, shape in numpy order), read back with gguf-py."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type.name, tuple(int(x) for x in reversed(t.shape))) for t in reader.tensors}
+
+
+def quantize_with_llama_cpp(
+    src: Path, out: Path, quant: str, n_threads: int | None = None
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Quantize the GGUF `src` to K-quant `quant` at `out` (temp file + rename).
+
+    Returns each tensor's type and, for the matrices llama.cpp did not give a K type, why it fell back.
+    """
+    llama_cpp = _llama_cpp()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}", None)
+    if ftype is None:
+        raise ExportError(f"this llama-cpp-python has no quantization type {quant}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = n_threads or default_threads()
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        with quiet():
+            status = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if status != 0:
+            raise ExportError(f"llama.cpp's quantizer failed on {src} for {quant} (status {status})")
+        types = tensor_types(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fallbacks = {
+        name: (
+            f"rows of {shape[-1]} are not a multiple of {K_BLOCK}: llama.cpp chose {kind}"
+            if shape[-1] % K_BLOCK
+            else f"llama.cpp chose {kind}"
+        )
+        for name, (kind, shape) in types.items()
+        if len(shape) == 2 and kind not in K_TYPES
+    }
+    return {name: kind for name, (kind, _) in types.items()}, fallbacks
+
+
+def load_for_verification(path: Path, n_ctx: int = 512, n_threads: int | None = None) -> Any:
+    """The GGUF loaded with logits for every position and an f32 KV cache.
+
+    llama.cpp's default f16 KV cache alone moves f32 logits by about 2e-3, more than the f32 bound; with
+    an f32 cache the comparison measures the file, not the cache.
+    """
+    llama_cpp = _llama_cpp()
+    threads = n_threads or default_threads()
+    with quiet():
+        return llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            logits_all=True,
+            type_k=0,
+            type_v=0,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )

@@ -1,0 +1,46 @@
+"""Export reports: `<out>.report.json` for machines and a short markdown table for people."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def report_path(out: Path) -> Path:
+    return out.with_name(out.name + ".report.json")
+
+
+def write_report(out: Path, report: dict[str, Any]) -> Path:
+    """Write `report` beside the exported file `out`; returns the report's path."""
+    path = report_path(out)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    return path
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.3g}" if isinstance(value, float) and value not in (0.0, 1.0) else f"{value:g}"
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The checks as a markdown table, with top-1 agreement always shown, then fallbacks and merge drift."""
+    lines = [
+        f"`{report['gguf']}` ({report['quant']}, arch `{report['arch']}`, pre `{report['tokenizer_pre']}`)",
+        "",
+        "| measure | value | bound | ok |",
+        "|---|---|---|---|",
+    ]
+    for check in report["checks"]:
+        lines.append(f"| {check['measure']} | {_fmt(check['value'])} | {check['bound']} | {'yes' if check['ok'] else 'NO'} |")
+    bounded = {c["measure"] for c in report["checks"]}
+    for name, value in report["measures"].items():
+        if name not in bounded:
+            lines.append(f"| {name} | {_fmt(value)} | - | - |")
+    for name, why in (report.get("fallbacks") or {}).items():
+        lines.append(f"\nfallback: `{name}`: {why}")
+    if report.get("lora"):
+        lines.append(f"\nLoRA merged into {report['lora']['base']}: max |delta| vs base+adapter "
+                     f"{report['lora']['merge_drift_max_abs']:.3g}")
+    for problem in report.get("file_problems", []) + report.get("tokenization_mismatches", []):
+        lines.append(f"\nproblem: {problem!r}")
+    return "\n".join(lines)

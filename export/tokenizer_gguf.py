@@ -1,0 +1,189 @@
+"""The tokenizer part of a GGUF: tokens, types, merges, special ids, the pre-tokenizer name, the chat template.
+
+llama.cpp does not run a tokenizer.json: it reimplements each known pre-tokenizer and picks one by the name
+in `tokenizer.ggml.pre`. A wrong name still loads and silently splits digits and spaces differently, so the
+name is read off the tokenizer's own pre-tokenizer definition and compared with the ones llama.cpp is known to
+implement; anything else is refused before a byte is written. (gguf-py's `SpecialVocab`/`Vocab` helpers read
+the same files but guess nothing about the pre-tokenizer, which is the part that matters here.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from toolkit.errors import ExportError
+
+# The split regexes of the byte-level BPE families llama.cpp implements, as their tokenizer.json files hold
+# them (Llama-3: digits in runs of up to three; Qwen2: single digits).
+LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Pre-tokenizer signature (see `pre_tokenizer_signature`) -> llama.cpp's `tokenizer.ggml.pre` name.
+KNOWN_PRE_TOKENIZERS: dict[tuple[tuple[Any, ...], ...], str] = {
+    (("ByteLevel", False, True),): "gpt-2",
+    (("Split", LLAMA3_REGEX, "Isolated"), ("ByteLevel", False, False)): "llama-bpe",
+    (("Split", QWEN2_REGEX, "Isolated"), ("ByteLevel", False, False)): "qwen2",
+}
+
+# gguf-py's TokenType values, named here so the table below reads without the enum.
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+
+# HF's `{% generation %}` marks assistant tokens for training masks; jinja outside transformers cannot parse
+# it. Replacing it by an always-true `if` with the same whitespace-control dashes renders identically.
+_GENERATION_TAG = re.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
+
+
+def portable_chat_template(template: str) -> str:
+    """`template` without transformers-only tags, rendering the same text in any jinja2 / minja."""
+    return _GENERATION_TAG.sub(lambda m: "{%" + m[1] + (" endif " if m[2] else " if true ") + m[3] + "%}", template)
+
+
+def _steps(pre: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if pre is None:
+        return []
+    if pre.get("type") == "Sequence":
+        return [step for inner in pre["pretokenizers"] for step in _steps(inner)]
+    return [pre]
+
+
+def _signature_of(step: dict[str, Any]) -> tuple[Any, ...]:
+    kind = step.get("type")
+    if kind == "ByteLevel":
+        # trim_offsets only changes offsets, never ids, so it is not part of the signature.
+        return ("ByteLevel", bool(step.get("add_prefix_space")), bool(step.get("use_regex", True)))
+    if kind == "Split":
+        pattern = step.get("pattern", {})
+        regex = pattern.get("Regex", re.escape(pattern.get("String", "")))
+        behavior = step.get("behavior") if not step.get("invert") else "inverted " + str(step.get("behavior"))
+        return ("Split", regex, behavior)
+    return (str(kind),)
+
+
+def pre_tokenizer_signature(pre: dict[str, Any] | None) -> tuple[tuple[Any, ...], ...]:
+    """A comparable summary of a tokenizer.json `pre_tokenizer`: one tuple per step, Sequences flattened."""
+    return tuple(_signature_of(step) for step in _steps(pre))
+
+
+def detect_pre_tokenizer(tokenizer_json: dict[str, Any]) -> str:
+    """llama.cpp's name for the pre-tokenizer of `tokenizer_json`, or an ExportError saying what was found."""
+    signature = pre_tokenizer_signature(tokenizer_json.get("pre_tokenizer"))
+    if signature in KNOWN_PRE_TOKENIZERS:
+        return KNOWN_PRE_TOKENIZERS[signature]
+    found = " + ".join(
+        f"{s[0]}({', '.join(repr(x) for x in s[1:])})" if len(s) > 1 else s[0] for s in signature
+    )
+    known = ", ".join(sorted(set(KNOWN_PRE_TOKENIZERS.values())))
+    raise ExportError(
+        f"tokenizer pre-tokenizer not recognised by llama.cpp's names: found {found or 'none'}; "
+        f"known: {known} (train the tokenizer with one of these, or add its signature to "
+        "export/tokenizer_gguf.py after checking llama.cpp implements it)"
+    )
+
+
+@dataclass
+class GGUFVocab:
+    """Everything the `tokenizer.*` keys of a GGUF hold."""
+
+    pre: str
+    tokens: list[str]
+    token_types: list[int]
+    merges: list[str]
+    special_ids: dict[str, int] = field(default_factory=dict)  # bos, eos, unk, pad (gguf-py's names)
+    add_bos: bool = False
+    add_eos: bool = False
+    chat_template: str | None = None
+    model: str = "gpt2"  # llama.cpp's name for byte-level BPE
+
+
+def _check_model(tokenizer_json: dict[str, Any], where: Path) -> None:
+    model = tokenizer_json.get("model", {})
+    if model.get("type") != "BPE" or model.get("byte_fallback") or tokenizer_json.get("decoder", {}).get(
+        "type"
+    ) not in ("ByteLevel", None):
+        raise ExportError(
+            f"tokenizer {where}: model {model.get('type')} "
+            f"(byte_fallback={model.get('byte_fallback')}) is not byte-level BPE; GGUF export supports "
+            "byte-level BPE tokenizers (the gpt-2 / llama-bpe / qwen2 families), not SentencePiece-style ones"
+        )
+    normalizer = tokenizer_json.get("normalizer")
+    # llama.cpp applies no normalizer; NFC leaves already-composed text (nearly all text) unchanged.
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        raise ExportError(
+            f"tokenizer {where}: normalizer {normalizer.get('type')} has no llama.cpp equivalent"
+        )
+
+
+def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
+    """The GGUF vocabulary of the HF tokenizer in `folder`, padded to the model's `n_vocab` rows."""
+    from transformers import AutoTokenizer
+
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        raise ExportError(f"no tokenizer.json in {folder}: GGUF export needs a fast (tokenizers) tokenizer")
+    tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
+    _check_model(tokenizer_json, path)
+    pre = detect_pre_tokenizer(tokenizer_json)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    id_to_token = {i: t for t, i in tokenizer_json["model"]["vocab"].items()}
+    types = dict.fromkeys(id_to_token, NORMAL)
+    for added in tokenizer_json.get("added_tokens", []):
+        id_to_token[added["id"]] = added["content"]
+        types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
+    size = max(id_to_token) + 1
+    if size > n_vocab:
+        raise ExportError(
+            f"tokenizer {path} has {size} tokens but the model's embedding has {n_vocab} rows (vocab_size)"
+        )
+    # Rows past the tokenizer (vocab padded for speed) get placeholder tokens, as llama.cpp expects one
+    # token per embedding row.
+    tokens = [id_to_token.get(i, f"[PAD{i}]") for i in range(n_vocab)]
+    token_types = [types.get(i, UNUSED) for i in range(n_vocab)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"].get("merges", [])]
+
+    special_ids = {
+        name: getattr(tokenizer, f"{attr}_token_id")
+        for name, attr in (("bos", "bos"), ("eos", "eos"), ("unk", "unk"), ("pad", "pad"))
+        if getattr(tokenizer, f"{attr}_token_id") is not None
+    }
+    # Whether BOS/EOS are added is what the tokenizer does, not what a flag claims: ask it.
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    add_bos = len(full) > len(plain) and full[0] == tokenizer.bos_token_id
+    add_eos = len(full) > len(plain) and full[-1] == tokenizer.eos_token_id
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    return GGUFVocab(
+        pre=pre,
+        tokens=tokens,
+        token_types=token_types,
+        merges=merges,
+        special_ids=special_ids,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        chat_template=portable_chat_template(template) if template else None,
+    )
+
+
+def add_vocab(writer: Any, vocab: GGUFVocab) -> None:
+    """Write `vocab` into a `gguf.GGUFWriter` (before its header is written)."""
+    writer.add_tokenizer_model(vocab.model)
+    writer.add_tokenizer_pre(vocab.pre)
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.token_types)
+    writer.add_token_merges(vocab.merges)
+    for name, token_id in vocab.special_ids.items():
+        getattr(writer, f"add_{name}_token_id")(token_id)
+    writer.add_add_bos_token(vocab.add_bos)
+    writer.add_add_eos_token(vocab.add_eos)
+    if vocab.chat_template:
+        writer.add_chat_template(vocab.chat_template)

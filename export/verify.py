@@ -1,0 +1,203 @@
+"""Verification of a written GGUF against its source model, in the consumer that will run it.
+
+1. gguf-py re-reads the file: every planned tensor is there with its shape, every planned key is set.
+2. llama-cpp-python loads it: tokenization of a fixed text set gives the transformers ids; the chat template
+   stored in the file, rendered by llama-cpp-python's jinja and tokenized by llama.cpp, gives the ids of
+   transformers' own rendering; next-token logits at every position of a fixed prompt set are compared
+   with transformers' (max |delta| for float types, mean KL and top-1 agreement for all); for f32 a
+   greedy 32-token continuation must be identical.
+3. Each measure is checked against its bound in `BOUNDS`; the report says which passed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.tokenizer_gguf import GGUFVocab
+from toolkit.models.plans import GGUFPlan
+
+# Short and varied: prose, code, digits, whitespace runs, non-Latin scripts. Small on purpose: verification
+# runs on every export, on CPU.
+PROMPTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b\n",
+    "In 1969, 3 astronauts flew 384400 km to the Moon.",
+    "Les élèves étudient la physique; 東京は日本の首都です。",
+]
+TOKENIZER_TEXTS = PROMPTS + [
+    "  leading spaces,\ttabs\n\n\nand newlines  ",
+    "numbers 0 12 345 6789 3.14159 1,000,000",
+    "emoji 🙂🚀 and accents ñ ü ß, Ελληνικά, русский, العربية",
+    "don't won't I'm you're they'll we've HE'S",
+    "<|im_start|>user\nspecial tokens inline<|im_end|>",
+]
+CONVERSATION = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "What is 12 + 30?"},
+    {"role": "assistant", "content": "42."},
+    {"role": "user", "content": "And doubled?"},
+]
+GREEDY_TOKENS = 32
+
+# quant -> measure -> (comparison, bound). The issue's bounds for f32/f16/bf16/q8_0/q4_k_m; the other types'
+# bounds sit between those of their neighbours in bits per weight.
+BOUNDS: dict[str, dict[str, tuple[str, float]]] = {
+    "f32": {"max_abs_logit_delta": ("<=", 1e-3), "greedy_identical": ("==", 1.0)},
+    "f16": {"max_abs_logit_delta": ("<=", 5e-2)},
+    "bf16": {"max_abs_logit_delta": ("<=", 5e-2)},
+    "q8_0": {"mean_kl": ("<=", 0.005)},
+    "q6_k": {"mean_kl": ("<=", 0.02)},
+    "q5_0": {"mean_kl": ("<=", 0.05)},
+    "q5_1": {"mean_kl": ("<=", 0.05)},
+    "q5_k_m": {"mean_kl": ("<=", 0.05)},
+    "q4_0": {"mean_kl": ("<=", 0.1)},
+    "q4_1": {"mean_kl": ("<=", 0.1)},
+    "q4_k_m": {"mean_kl": ("<=", 0.1)},
+}
+ALWAYS = {"file_complete": ("==", 1.0), "tokenization_identical": ("==", 1.0), "chat_template_identical": ("==", 1.0)}
+
+
+def check_file(path: Path, plan: GGUFPlan, jobs: list[Any], vocab: GGUFVocab) -> list[str]:
+    """Problems found re-reading `path` with gguf-py (empty when every tensor, shape and key is right)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    problems = []
+    found = {t.name: tuple(int(x) for x in reversed(t.shape)) for t in reader.tensors}
+    for job in jobs:
+        if job.target not in found:
+            problems.append(f"tensor {job.target} missing")
+        elif found[job.target] != tuple(job.shape):
+            problems.append(f"tensor {job.target} has shape {found[job.target]}, expected {job.shape}")
+    keys = [h.key.format(arch=plan.arch) for h in plan.hparams if not h.optional]
+    keys += ["general.architecture", "general.name", "general.file_type", "tokenizer.ggml.pre"]
+    keys += ["tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"]
+    keys += ["tokenizer.chat_template"] if vocab.chat_template else []
+    problems += [f"key {key} missing" for key in keys if key not in reader.fields]
+    return problems
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """max |delta|, mean KL(reference || candidate) and top-1 agreement over positions."""
+    ref_log, cand_log = _log_softmax(reference), _log_softmax(candidate)
+    kl = (np.exp(ref_log) * (ref_log - cand_log)).sum(axis=-1)
+    return {
+        "max_abs_logit_delta": float(np.abs(reference - candidate).max()),
+        "mean_kl": float(kl.mean()),
+        "top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).mean()),
+    }
+
+
+def _greedy_hf(model: Any, ids: list[int], steps: int) -> list[int]:
+    import torch
+
+    out, past = list(ids), None
+    step_input = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(steps):
+            result = model(input_ids=step_input, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            token = int(result.logits[0, -1].argmax())
+            out.append(token)
+            step_input = torch.tensor([[token]])
+    return out[len(ids) :]
+
+
+def _greedy_llama(llm: Any, ids: list[int], steps: int) -> list[int]:
+    llm.reset()
+    llm.eval(ids)
+    out = []
+    for _ in range(steps):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+def _checks(quant: str, measures: dict[str, float]) -> list[dict[str, Any]]:
+    checks = []
+    for name, (op, bound) in {**ALWAYS, **BOUNDS.get(quant, {})}.items():
+        value = measures[name]
+        ok = value <= bound if op == "<=" else value == bound
+        checks.append({"measure": name, "value": value, "bound": f"{op} {bound:g}", "ok": bool(ok)})
+    return checks
+
+
+def verify_gguf(
+    path: Path, folder: Path, quant: str, plan: GGUFPlan, jobs: list[Any], vocab: GGUFVocab,
+    *, n_threads: int | None = None, prompts: list[str] | None = None,
+) -> dict[str, Any]:
+    """Compare the GGUF at `path` with the HF model in `folder`; a report dict with `ok` and each check."""
+    import torch
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import toolkit  # noqa: F401  (registers the toolkit's architectures for AutoModel)
+    from export.llama_cpp import load_for_verification
+
+    prompts = prompts or PROMPTS
+    problems = check_file(path, plan, jobs, vocab)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    context = getattr(model.config, "max_position_embeddings", 512)
+    llm = load_for_verification(path, n_ctx=min(512, context), n_threads=n_threads)
+
+    token_mismatches = [
+        text
+        for text in TOKENIZER_TEXTS
+        if tokenizer(text)["input_ids"] != llm.tokenize(text.encode(), add_bos=True, special=True)
+    ]
+    chat_identical = 1.0
+    if vocab.chat_template:
+        hf_text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+        special = {name: vocab.tokens[i] for name, i in vocab.special_ids.items()}
+        gguf_text = Jinja2ChatFormatter(
+            template=llm.metadata["tokenizer.chat_template"],
+            eos_token=special.get("eos", ""),
+            bos_token=special.get("bos", ""),
+        )(messages=CONVERSATION).prompt
+        hf_ids = tokenizer(hf_text, add_special_tokens=False)["input_ids"]
+        chat_identical = float(hf_ids == llm.tokenize(gguf_text.encode(), add_bos=False, special=True))
+
+    reference, candidate = [], []
+    for prompt in prompts:
+        ids = tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            reference.append(model(input_ids=torch.tensor([ids])).logits[0].numpy())
+        llm.reset()
+        llm.eval(ids)
+        candidate.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    measures = compare_logits(np.concatenate(reference), np.concatenate(candidate))
+    greedy = [(_greedy_hf(model, tokenizer(p)["input_ids"], GREEDY_TOKENS), p) for p in prompts[:2]]
+    measures["greedy_identical"] = float(
+        all(hf == _greedy_llama(llm, tokenizer(p)["input_ids"], GREEDY_TOKENS) for hf, p in greedy)
+    )
+    measures["file_complete"] = float(not problems)
+    measures["tokenization_identical"] = float(not token_mismatches)
+    measures["chat_template_identical"] = chat_identical
+    llm.close()
+
+    checks = _checks(quant, measures)
+    return {
+        "gguf": str(path),
+        "source": str(folder),
+        "quant": quant,
+        "arch": plan.arch,
+        "tokenizer_pre": vocab.pre,
+        "prompts": len(prompts),
+        "positions": int(sum(len(r) for r in reference)),
+        "measures": measures,
+        "checks": checks,
+        "file_problems": problems,
+        "tokenization_mismatches": token_mismatches,
+        "ok": all(c["ok"] for c in checks),
+    }

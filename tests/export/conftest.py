@@ -1,0 +1,132 @@
+"""Fixtures for export tests: locally trained tokenizers and tiny models saved as HF folders.
+
+Tokenizers are trained here with the `tokenizers` library in the three byte-level BPE styles llama.cpp
+names (qwen2, llama-bpe, gpt-2); models are built with transformers' own classes (or ours), a few training steps so that logits
+are peaked as a trained model's are, and saved with `save_pretrained`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import torch  # noqa: E402
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+from export.tokenizer_gguf import LLAMA3_REGEX, QWEN2_REGEX  # noqa: E402
+
+CHATML = (
+    "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{%- else %}{{ message['content'] + '<|im_end|>' }}{%- endif %}{{ '\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
+
+
+def corpus() -> list[str]:
+    prose = (
+        "Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex. "
+        "Readability counts. Errors should never pass silently, unless explicitly silenced. In the face of "
+        "ambiguity, refuse the temptation to guess. Now is better than never; although never is often better "
+        "than right now. If the implementation is hard to explain, it is a bad idea.\n"
+    )
+    extra = [
+        "def add(a, b):\n    return a + b\n",
+        "In 1969, 3 astronauts flew 384400 km to the Moon. 0 12 345 6789 3.14159 1,000,000",
+        "Les élèves étudient la physique; 東京は日本の首都です。 emoji 🙂🚀 ñ ü ß Ελληνικά русский العربية",
+        "The quick brown fox jumps over the lazy dog. don't won't I'm you're they'll we've",
+    ]
+    return [prose] * 8 + extra * 4
+
+
+def train_tokenizer(style: str, out_dir: Path, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer in `style` (qwen2, llama-bpe or gpt-2), saved to `out_dir`."""
+    tok = Tokenizer(models.BPE())
+    if style == "gpt-2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    else:
+        regex = QWEN2_REGEX if style == "qwen2" else LLAMA3_REGEX
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    bos = "<|endoftext|>"
+    if style == "llama-bpe":
+        # Llama-3 style: BOS added in front of every sequence.
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token=bos, pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def train_briefly(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, steps: int = 120) -> None:
+    """A few AdamW steps on the corpus: peaked, structured logits like a trained model's, in seconds."""
+    ids = torch.tensor(tokenizer("\n".join(corpus()))["input_ids"])
+    windows = ids[: len(ids) // 64 * 64].view(-1, 64)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        batch = windows[torch.randint(len(windows), (8,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def save_model(kind: str, out_dir: Path, style: str = "qwen2", seed: int = 0, **overrides) -> Path:
+    """A tiny `kind` model (decoder, llama, qwen2, mistral) with a `style` tokenizer, saved to `out_dir`."""
+    import toolkit  # noqa: F401
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from toolkit.models import DecoderForCausalLM, build_config
+
+    tokenizer = train_tokenizer(style, out_dir)
+    shape = dict(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    shape.update(overrides)
+    torch.manual_seed(seed)
+    if kind == "decoder":
+        model = DecoderForCausalLM(build_config("decoder-tiny", **shape))
+    else:
+        config_class, model_class = {
+            "llama": (LlamaConfig, LlamaForCausalLM),
+            "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "mistral": (MistralConfig, MistralForCausalLM),
+        }[kind]
+        model = model_class(config_class(**shape))
+    train_briefly(model, tokenizer)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def decoder_dir(tmp_path_factory) -> Path:
+    return save_model("decoder", tmp_path_factory.mktemp("decoder"))

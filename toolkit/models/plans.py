@@ -1,0 +1,257 @@
+"""Export plans: how each architecture maps onto the formats its consumers already run.
+
+A plan is data, read by the exporters (`export/gguf.py` today, a vLLM exporter later): the llama.cpp
+architecture name, which GGUF hyper-parameter key comes from which config field, a table from checkpoint
+tensor names to GGUF tensor names (`{bid}` stands for the block index) with an optional transform per
+tensor, and the config values the target graph cannot represent. The exporter holds no per-architecture
+branches: supporting a new architecture means adding a plan, next to its model code.
+
+This module also holds the plans of the native transformers architectures a user fine-tunes from the Hub
+(`llama`, `mistral`, `qwen2`); `get_plan(model_type)` finds any of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from toolkit.errors import ExportError
+
+Config = dict[str, Any]  # a model's config.json, as loaded
+
+
+def config_value(config: Config, path: str) -> Any:
+    """The value at a dotted path (`rope_parameters.rope_theta`), or None when any part is missing."""
+    value: Any = config
+    for part in path.split("."):
+        if not isinstance(value, dict) or value.get(part) is None:
+            return None
+        value = value[part]
+    return value
+
+
+def head_dim(config: Config) -> int:
+    """Per-head width: the explicit field when set (it may differ from hidden/heads), else the quotient."""
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def kv_heads(config: Config) -> int:
+    return config.get("num_key_value_heads") or config["num_attention_heads"]
+
+
+def _rope_theta(config: Config) -> float:
+    # transformers 5 nests it in `rope_parameters`; configs written by older versions keep `rope_theta`.
+    return float(config_value(config, "rope_parameters.rope_theta") or config.get("rope_theta") or 10000.0)
+
+
+def _rope_type(config: Config) -> str:
+    return (
+        config_value(config, "rope_parameters.rope_type")
+        or config_value(config, "rope_scaling.rope_type")
+        or config_value(config, "rope_scaling.type")
+        or "default"
+    )
+
+
+def _context_length(config: Config) -> int:
+    # A sliding window shorter than the context is not part of llama.cpp's `llama` graph: advertising only
+    # the window keeps every context llama.cpp will run identical to the source model.
+    window = config.get("sliding_window")
+    context = config["max_position_embeddings"]
+    return min(context, window) if window else context
+
+
+def _rope_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder the rows of a q/k projection from HF's rotate-half RoPE layout to llama.cpp's interleaved one.
+
+    transformers rotates dimension i with i + head_dim/2; llama.cpp's `llama` graph (normal RoPE) rotates
+    2i with 2i+1. Within each head, rows [first half | second half] become pairs (h0, h_half, h1, ...).
+    Written here rather than imported because the exporter must not depend on a llama.cpp checkout.
+    """
+    shape = rows.shape
+    return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def permute_q(tensor: np.ndarray, config: Config) -> np.ndarray:
+    return _rope_permute(tensor, config["num_attention_heads"])
+
+
+def permute_k(tensor: np.ndarray, config: Config) -> np.ndarray:
+    return _rope_permute(tensor, kv_heads(config))
+
+
+Transform = Callable[[np.ndarray, Config], np.ndarray]
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One GGUF metadata key (`{arch}` is replaced by the plan's arch) and where its value comes from."""
+
+    key: str
+    source: str | Callable[[Config], Any]  # a dotted config path, or a function of the config
+    kind: str = "uint32"  # the GGUFWriter.add_<kind> used to write it: uint32, float32, bool, string
+    optional: bool = False  # skip when the config has no value (instead of refusing)
+
+    def value(self, config: Config) -> Any:
+        return self.source(config) if callable(self.source) else config_value(config, self.source)
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """Checkpoint tensor `source` becomes GGUF tensor `target`, through `transform` when set."""
+
+    source: str  # e.g. "model.layers.{bid}.self_attn.q_proj.weight"
+    target: str  # e.g. "blk.{bid}.attn_q.weight"
+    transform: Transform | None = None
+    # Optional tensors may be absent (a tied lm_head); required ones must exist for every block.
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ConfigCheck:
+    """A config value the target graph can represent only in the listed forms."""
+
+    source: str | Callable[[Config], Any]
+    allowed: tuple[Any, ...]
+    component: str  # what the error names when the value is not allowed
+
+    def value(self, config: Config) -> Any:
+        return self.source(config) if callable(self.source) else config_value(config, self.source)
+
+
+@dataclass(frozen=True)
+class GGUFPlan:
+    """How an architecture becomes a GGUF file that llama.cpp runs with its own graph."""
+
+    arch: str  # llama.cpp's architecture name (general.architecture)
+    hparams: tuple[HParam, ...]
+    tensors: tuple[TensorRule, ...]
+    checks: tuple[ConfigCheck, ...] = ()
+    # Tensors that carry nothing llama.cpp needs (e.g. rotary caches saved by old transformers versions).
+    ignored: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """Everything an architecture declares about its exports; a format it cannot reach is None."""
+
+    model_type: str
+    gguf: GGUFPlan | None = None
+    # Left for the vLLM exporter to fill (native class rewrite or remote-code folder); no exporter reads it yet.
+    vllm: Any | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+PLANS: dict[str, ExportPlan] = {}
+
+
+def register_plan(plan: ExportPlan) -> None:
+    """Make `plan` the export plan of its model_type."""
+    PLANS[plan.model_type] = plan
+
+
+def get_plan(model_type: str) -> ExportPlan:
+    """The export plan of `model_type`; an architecture without one is an error that lists those with one."""
+    if model_type not in PLANS:
+        known = ", ".join(sorted(PLANS))
+        raise ExportError(f"architecture '{model_type}' has no export plan; architectures with one: {known}")
+    return PLANS[model_type]
+
+
+# The Llama family's hyper-parameters; the key names are gguf-py's `Keys.LLM` / `Keys.Attention` / `Keys.Rope`.
+LLAMA_HPARAMS: tuple[HParam, ...] = (
+    HParam("{arch}.context_length", _context_length),
+    HParam("{arch}.embedding_length", "hidden_size"),
+    HParam("{arch}.feed_forward_length", "intermediate_size"),
+    HParam("{arch}.block_count", "num_hidden_layers"),
+    HParam("{arch}.vocab_size", "vocab_size"),
+    HParam("{arch}.attention.head_count", "num_attention_heads"),
+    HParam("{arch}.attention.head_count_kv", kv_heads),
+    HParam("{arch}.attention.key_length", head_dim),
+    HParam("{arch}.attention.value_length", head_dim),
+    HParam("{arch}.rope.dimension_count", head_dim),
+    HParam("{arch}.rope.freq_base", _rope_theta, "float32"),
+    HParam("{arch}.attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
+)
+
+LLAMA_CHECKS: tuple[ConfigCheck, ...] = (
+    ConfigCheck(_rope_type, ("default",), "RoPE scaling (rope_parameters.rope_type)"),
+    ConfigCheck("hidden_act", ("silu",), "activation (hidden_act)"),
+    ConfigCheck("mlp_bias", (None, False), "MLP biases (mlp_bias)"),
+)
+
+_BLOCK = "model.layers.{bid}"
+
+
+def _block_rules(q: Transform | None, k: Transform | None, qkv_bias_optional: bool) -> tuple[TensorRule, ...]:
+    """The decoder-block tensors shared by the Llama and Qwen2 graphs, which differ in RoPE layout and biases."""
+    attn, mlp = f"{_BLOCK}.self_attn", f"{_BLOCK}.mlp"
+    return (
+        TensorRule(f"{_BLOCK}.input_layernorm.weight", "blk.{bid}.attn_norm.weight"),
+        TensorRule(f"{attn}.q_proj.weight", "blk.{bid}.attn_q.weight", q),
+        TensorRule(f"{attn}.k_proj.weight", "blk.{bid}.attn_k.weight", k),
+        TensorRule(f"{attn}.v_proj.weight", "blk.{bid}.attn_v.weight"),
+        TensorRule(f"{attn}.o_proj.weight", "blk.{bid}.attn_output.weight"),
+        TensorRule(f"{attn}.q_proj.bias", "blk.{bid}.attn_q.bias", q, optional=qkv_bias_optional),
+        TensorRule(f"{attn}.k_proj.bias", "blk.{bid}.attn_k.bias", k, optional=qkv_bias_optional),
+        TensorRule(f"{attn}.v_proj.bias", "blk.{bid}.attn_v.bias", optional=qkv_bias_optional),
+        TensorRule(f"{_BLOCK}.post_attention_layernorm.weight", "blk.{bid}.ffn_norm.weight"),
+        TensorRule(f"{mlp}.gate_proj.weight", "blk.{bid}.ffn_gate.weight"),
+        TensorRule(f"{mlp}.up_proj.weight", "blk.{bid}.ffn_up.weight"),
+        TensorRule(f"{mlp}.down_proj.weight", "blk.{bid}.ffn_down.weight"),
+    )
+
+
+_EDGE_RULES: tuple[TensorRule, ...] = (
+    TensorRule("model.embed_tokens.weight", "token_embd.weight"),
+    TensorRule("model.norm.weight", "output_norm.weight"),
+    # Absent when tied: llama.cpp then reads token_embd as the output projection.
+    TensorRule("lm_head.weight", "output.weight", optional=True),
+)
+
+_IGNORED = ("model.layers.{bid}.self_attn.rotary_emb.inv_freq",)
+
+# llama.cpp's `llama` graph: normal (interleaved) RoPE, so q and k rows are permuted; q/k/v biases optional.
+LLAMA_GGUF = GGUFPlan(
+    arch="llama",
+    hparams=LLAMA_HPARAMS,
+    tensors=_EDGE_RULES + _block_rules(permute_q, permute_k, qkv_bias_optional=True),
+    checks=LLAMA_CHECKS,
+    ignored=_IGNORED,
+)
+
+# llama.cpp's `qwen2` graph: NEOX RoPE (HF's own layout, no permutation) and q/k/v biases always present.
+QWEN2_GGUF = GGUFPlan(
+    arch="qwen2",
+    hparams=LLAMA_HPARAMS,
+    tensors=_EDGE_RULES + _block_rules(None, None, qkv_bias_optional=False),
+    checks=LLAMA_CHECKS[:2]
+    + (ConfigCheck("use_sliding_window", (None, False), "sliding-window attention (use_sliding_window)"),),
+    ignored=_IGNORED,
+)
+
+register_plan(ExportPlan("llama", gguf=LLAMA_GGUF))
+register_plan(
+    ExportPlan(
+        "mistral",
+        gguf=LLAMA_GGUF,
+        notes=("a sliding window shorter than max_position_embeddings becomes the GGUF context length",),
+    )
+)
+register_plan(ExportPlan("qwen2", gguf=QWEN2_GGUF))
+
+__all__ = [
+    "ConfigCheck",
+    "ExportPlan",
+    "GGUFPlan",
+    "HParam",
+    "LLAMA_GGUF",
+    "PLANS",
+    "QWEN2_GGUF",
+    "TensorRule",
+    "get_plan",
+    "register_plan",
+]
