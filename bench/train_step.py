@@ -66,7 +66,9 @@ def main() -> None:
     torch.manual_seed(0)
     config = build_config(args.preset)
     ours = DecoderForCausalLM(config)
-    llama_config = LlamaConfig(**{k: v for k, v in config.to_dict().items() if k in LlamaConfig.__dataclass_fields__})
+    llama_config = LlamaConfig(
+        **{k: v for k, v in config.to_dict().items() if k in LlamaConfig.__dataclass_fields__}
+    )
     theirs = LlamaForCausalLM(llama_config)
     theirs.load_state_dict(ours.state_dict(), strict=False)
     ids = torch.randint(0, config.vocab_size, (args.batch * (args.steps + 1), args.seq))

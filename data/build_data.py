@@ -210,7 +210,8 @@ def find_deb(debs: Path, package: str) -> Path:
     found = sorted(debs.glob(f"{package}_*.deb"))
     if not found:
         raise SystemExit(
-            f"{debs}: no {package}_*.deb; fetch it with: apt-get download {package}={version} (see data/corpus/README.md)"
+            f"{debs}: no {package}_*.deb; fetch it with: apt-get download {package}={version}"
+            " (see data/corpus/README.md)"
         )
     if hashlib.sha256(found[-1].read_bytes()).hexdigest() != sha256:
         print(

@@ -46,7 +46,9 @@ def generate_answers(
                 )
                 for p in prompts[start : start + batch_size]
             ]
-            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+                model.device
+            )
             output = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,

@@ -36,7 +36,9 @@ def perplexity(
     for start in range(0, len(chunks), batch_size):
         ids = torch.tensor(chunks[start : start + batch_size], device=model.device)
         logits = model(ids).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+        )
         total_nll += nll.item()
         total_tokens += ids[:, 1:].numel()
     model.train(was_training)

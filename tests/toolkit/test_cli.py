@@ -11,7 +11,9 @@ from toolkit.cli import main
 
 def run_cli(*args):
     """Run the installed console script in a fresh process, as a user would."""
-    return subprocess.run([sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "toolkit.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_arch_list_prints_every_preset_with_parameter_count(capsys):
@@ -41,7 +43,9 @@ def test_unknown_preset_is_one_line_no_traceback():
 
 def test_train_bad_recipe_key_is_one_line(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: r\nmethod: sft\nmodel: {path: x}\ndata: {sources: [a.jsonl]}\ntrain: {max_step: 3}\n")
+    recipe.write_text(
+        "name: r\nmethod: sft\nmodel: {path: x}\ndata: {sources: [a.jsonl]}\ntrain: {max_step: 3}\n"
+    )
     result = run_cli("train", str(recipe))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -65,7 +69,9 @@ def test_data_check_reports_every_problem_with_file_and_line(tmp_path, capsys):
     assert f"{bad}:2:" in out and f"{bad}:3:" in out
 
 
-@pytest.mark.parametrize("path", ["data/sft/train.jsonl", "data/preference/train.jsonl", "data/eval/heldout.jsonl"])
+@pytest.mark.parametrize(
+    "path", ["data/sft/train.jsonl", "data/preference/train.jsonl", "data/eval/heldout.jsonl"]
+)
 def test_shipped_data_is_clean(path, capsys):
     assert main(["data", "check", path]) == 0
 
@@ -73,6 +79,25 @@ def test_shipped_data_is_clean(path, capsys):
 def test_data_tokenizer_command(tmp_path, capsys):
     corpus = tmp_path / "c.txt"
     corpus.write_text("The quick brown fox jumps over the lazy dog. 12 + 30 = 42.\n" * 50)
-    assert main(["data", "tokenizer", "--corpus", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "tokenizer",
+                "--corpus",
+                str(corpus),
+                "--vocab-size",
+                "300",
+                "--out",
+                str(tmp_path / "tok"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "tok" / "tokenizer.json").exists()
-    assert main(["data", "tokenizer", "--corpus", str(tmp_path / "nope.txt"), "--vocab-size", "300", "--out", "x"]) == 2
+    assert (
+        main(
+            ["data", "tokenizer", "--corpus", str(tmp_path / "nope.txt"), "--vocab-size", "300", "--out", "x"]
+        )
+        == 2
+    )

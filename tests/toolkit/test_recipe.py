@@ -12,8 +12,18 @@ from toolkit.errors import RecipeError
 BASE = {
     "name": "t",
     "stages": [
-        {"name": "tok", "method": "tokenizer", "data": {"sources": ["corpus.jsonl"]}, "tokenizer": {"vocab_size": 300}},
-        {"name": "pre", "method": "pretrain", "model": {"preset": "decoder-tiny"}, "data": {"sources": ["c.jsonl"]}},
+        {
+            "name": "tok",
+            "method": "tokenizer",
+            "data": {"sources": ["corpus.jsonl"]},
+            "tokenizer": {"vocab_size": 300},
+        },
+        {
+            "name": "pre",
+            "method": "pretrain",
+            "model": {"preset": "decoder-tiny"},
+            "data": {"sources": ["c.jsonl"]},
+        },
         {"name": "sft", "method": "sft", "data": {"sources": [{"path": "s.jsonl", "weight": 2}]}},
         {"name": "dpo", "method": "dpo", "data": {"sources": ["p.jsonl"]}, "train": {"beta": 0.2}},
     ],
@@ -49,9 +59,15 @@ def test_train_keys_are_exactly_the_trl_config_fields():
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        (with_stage(2, train={"lerning_rate": 1e-3}), "unknown key 'lerning_rate' in recipe: stages.sft.train (did you mean 'learning_rate'?)"),
+        (
+            with_stage(2, train={"lerning_rate": 1e-3}),
+            "unknown key 'lerning_rate' in recipe: stages.sft.train (did you mean 'learning_rate'?)",
+        ),
         (with_stage(3, train={"bta": 0.1}), "did you mean 'beta'?"),
-        (with_stage(2, modle={"preset": "x"}), "unknown key 'modle' in recipe: stages.sft (did you mean 'model'?)"),
+        (
+            with_stage(2, modle={"preset": "x"}),
+            "unknown key 'modle' in recipe: stages.sft (did you mean 'model'?)",
+        ),
         (with_stage(2, method="sfft"), "unknown key 'sfft' in stages[2] (sft).method (did you mean 'sft'?)"),
         (with_stage(1, model={"presett": "decoder-tiny"}), "(did you mean 'preset'?)"),
         (with_stage(2, model={"from": "dpo"}), "'dpo' is not an earlier training stage"),

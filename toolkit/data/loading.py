@@ -136,30 +136,41 @@ class RawRow(NamedTuple):
     problem: str | None = None
 
 
-def _read_jsonl(path: str) -> Iterator[RawRow]:
+def _lines(path: str) -> Iterator[tuple[str, str | None, str | None]]:
+    """(location, text, problem) for every line, so that one undecodable line does not hide the rest."""
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
-            where = f"{path}:{line_no}"
             try:
-                line = raw.decode("utf-8")
+                text = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as exc:
-                yield RawRow(where, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})")
-                continue
-            if line_no == 1:
-                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
-            if not line.strip():
-                continue
-            try:
-                data = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as exc:
-                yield RawRow(where, None, f"malformed JSON: {exc.msg} (column {exc.colno})")
-                continue
-            if isinstance(data, dict):
-                yield RawRow(where, data)
-            else:
-                yield RawRow(
-                    where, None, f"a line holds {formats.json_type(data)}; expected one JSON object per line"
+                yield (
+                    f"{path}:{line_no}",
+                    None,
+                    f"not UTF-8 text ({exc.reason} at byte {exc.start} of the line)",
                 )
+                continue
+            # A byte-order mark some editors write.
+            yield f"{path}:{line_no}", text.removeprefix("\ufeff") if line_no == 1 else text, None
+
+
+def _read_jsonl(path: str) -> Iterator[RawRow]:
+    for where, line, problem in _lines(path):
+        if problem is not None:
+            yield RawRow(where, None, problem)
+            continue
+        if not line.strip():
+            continue
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield RawRow(where, None, f"malformed JSON: {exc.msg} (column {exc.colno})")
+            continue
+        if isinstance(data, dict):
+            yield RawRow(where, data)
+        else:
+            yield RawRow(
+                where, None, f"a line holds {formats.json_type(data)}; expected one JSON object per line"
+            )
 
 
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -194,27 +205,30 @@ def _read_json(path: str) -> Iterator[RawRow]:
 
 
 def _read_csv(path: str) -> Iterator[RawRow]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets start files with a BOM
         reader = csv.DictReader(f)
-        if reader.fieldnames is None:
-            return
-        start = reader.line_num + 1
-        for record in reader:
-            where = f"{path}:{start}"
+        try:
+            if reader.fieldnames is None:
+                return
             start = reader.line_num + 1
-            if None in record:  # DictReader files surplus cells under the key None
-                cells = len(reader.fieldnames) + len(record[None])
-                yield RawRow(where, None, f"{cells} cells; the header has {len(reader.fieldnames)}")
-            else:
-                yield RawRow(where, record)
+            for record in reader:
+                where = f"{path}:{start}"
+                start = reader.line_num + 1
+                if None in record:  # DictReader files surplus cells under the key None
+                    cells = len(reader.fieldnames) + len(record[None])
+                    yield RawRow(where, None, f"{cells} cells; the header has {len(reader.fieldnames)}")
+                else:
+                    yield RawRow(where, record)
+        except (UnicodeDecodeError, csv.Error) as exc:  # the reader cannot go on past either
+            raise DataError(f"{path}:{reader.line_num + 1}: cannot read on as CSV: {exc}") from exc
 
 
 def _read_txt(path: str) -> Iterator[RawRow]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            text = line.rstrip("\r\n")
-            if text.strip():
-                yield RawRow(f"{path}:{line_no}", {"text": text})
+    for where, line, problem in _lines(path):
+        if problem is not None:
+            yield RawRow(where, None, problem)
+        elif line.strip():
+            yield RawRow(where, {"text": line})
 
 
 def _read_parquet(path: str) -> Iterator[RawRow]:
@@ -474,7 +488,7 @@ def _draw(length: int, count: int, rng: np.random.Generator) -> np.ndarray:
 def _align_columns(parts: list[datasets.Dataset], sources: list[DataSource]) -> list[datasets.Dataset]:
     """Give every part the union of the parts' columns (missing ones as nulls): `prompt` rows keep extra columns."""
     common: dict[str, tuple[Any, str]] = {}  # column -> (feature, path of the source that fixed it)
-    for part, source in zip(parts, sources):
+    for part, source in zip(parts, sources, strict=True):
         for column, feature in part.features.items():
             known = common.get(column)
             if known is None or known[0] == Value("null"):
@@ -513,7 +527,7 @@ def load_mixture(
         raise DataError(f"a mixture needs at least one row, not {total}")
     rng = np.random.default_rng(seed)
     counts = mixture_counts([source.weight for source in sources], total)
-    drawn = [part.select(_draw(len(part), count, rng)) for part, count in zip(parts, counts)]
+    drawn = [part.select(_draw(len(part), count, rng)) for part, count in zip(parts, counts, strict=True)]
     if any(part.features != drawn[0].features for part in drawn):
         drawn = _align_columns(drawn, sources)
     return datasets.concatenate_datasets(drawn).shuffle(seed=seed)

@@ -2,7 +2,8 @@
 
 They give the toolkit something a tiny model (a few million parameters) can measurably learn in a couple of
 CPU minutes, so every stage (pretrain, SFT, DPO, RL, eval) has a number that moves: accuracy on questions
-like "What is 17 + 25?" -> "42" or "Call the weather tool for Paris." -> `{"tool": "weather", "city": "Paris"}`.
+like "What is 17 + 25?" -> "42" or "Call the weather tool for Paris." ->
+`{"tool": "weather", "city": "Paris"}`.
 
 Each family is data: a few prompt templates (so a model cannot get by on one phrasing), a sampler for the
 template slots, a solver, a way to be plausibly wrong (for preference pairs) and plain-English statements of
@@ -306,7 +307,7 @@ def split_of(task: str, slots: Slots) -> str:
 
 
 def make_examples(n: int, seed: int, tasks: list[str] | None = None, split: str = "train") -> list[dict]:
-    """`n` rows `{"task", "prompt", "answer"}` with distinct prompts, balanced across `tasks` (all by default).
+    """`n` rows `{"task", "prompt", "answer"}`, distinct prompts, balanced across `tasks` (default: all).
 
     Deterministic for a given (n, seed, tasks, split). Only problems of `split` ('train' or 'heldout') are
     drawn, so rows from the two splits never share a problem, whatever the seeds.

@@ -12,7 +12,6 @@ Special tokens take the lowest ids, in `SPECIAL_TOKENS` order, whatever the corp
 
 from __future__ import annotations
 
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -28,8 +27,6 @@ from toolkit.errors import DataError, ToolkitError
 # llama.cpp's `qwen2` pre-tokenizer (llama-vocab.cpp, LLAMA_VOCAB_PRE_TYPE_QWEN2) is the same pattern. `\p{N}` takes
 # one digit at a time, where GPT-2 and Llama-3 group up to three.
 QWEN2_PRETOKENIZE_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-# The name llama.cpp knows this pre-tokenizer by, for the GGUF exporter.
-GGUF_PRE_TOKENIZER = "qwen2"
 
 # The `*_token` keys are the tokenizer attributes they set. The distinct tokens get ids 0, 1, 2... in this order.
 SPECIAL_TOKENS: dict[str, str] = {
@@ -44,6 +41,7 @@ END_OF_TURN_TOKENS: tuple[str, ...] = (SPECIAL_TOKENS["im_end"], SPECIAL_TOKENS[
 
 # ChatML. The assistant's content and its <|im_end|> sit inside {% generation %} so that
 # `return_assistant_tokens_mask=True` (TRL's assistant_only_loss) trains the answer and the stop token only.
+# Jinja outside transformers does not know that tag; `export.tokenizer_gguf.portable_chat_template` rewrites it.
 CHAT_TEMPLATE = """\
 {%- for message in messages %}
     {%- if message['role'] == 'assistant' %}
@@ -61,16 +59,6 @@ CHAT_TEMPLATE = """\
 {%- endif %}
 """
 
-_GENERATION_TAGS = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}\n?")
-
-
-def strip_generation_markers(template: str) -> str:
-    """The template without `{% generation %}` markers, which only transformers' loss masking understands.
-
-    Inference engines (llama.cpp's Jinja, Ollama) render the stripped template to exactly the same text.
-    """
-    return _GENERATION_TAGS.sub("", template)
-
 
 def _special_tokens(extra: tuple[str, ...] | list[str]) -> list[str]:
     return list(dict.fromkeys([*SPECIAL_TOKENS.values(), *extra]))
@@ -79,7 +67,8 @@ def _special_tokens(extra: tuple[str, ...] | list[str]) -> list[str]:
 def build_bpe(special_tokens: list[str]) -> Tokenizer:
     """An untrained byte-level BPE with Qwen2's pre-tokenizer."""
     tokenizer = Tokenizer(models.BPE())
-    # No normalizer: Qwen2 applies NFC, but llama.cpp does not, and skipping it keeps every string lossless.
+    # No normalizer (Qwen2's has NFC): text is kept byte for byte, so decoding gives back any string exactly,
+    # decomposed accents included.
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
@@ -89,13 +78,6 @@ def build_bpe(special_tokens: list[str]) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)  # offsets for the assistant mask
     return tokenizer
-
-
-def _texts(files: list[str], seen: list[int]) -> Iterator[str]:
-    for path in files:
-        for text in iter_texts(path):
-            seen[0] += 1
-            yield text
 
 
 def train_tokenizer(
@@ -134,9 +116,17 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    seen = [0]
-    tokenizer.train_from_iterator(_texts([str(f) for f in files], seen), trainer=trainer)
-    if seen[0] == 0:
+    count = 0
+
+    def texts() -> Iterator[str]:  # streamed: the corpus is never held in memory
+        nonlocal count
+        for path in files:
+            for text in iter_texts(str(path)):
+                count += 1
+                yield text
+
+    tokenizer.train_from_iterator(texts(), trainer=trainer)
+    if count == 0:
         raise DataError(f"no text in {', '.join(map(str, files))}")
 
     named = {key: token for key, token in SPECIAL_TOKENS.items() if key.endswith("_token")}

@@ -55,7 +55,11 @@ NORMALISED = [
     (
         "preference",
         {"prompt": [system("Be brief."), user("2+2?")], "chosen": [assistant("4")], "rejected": "5"},
-        {"prompt": [system("Be brief."), user("2+2?")], "chosen": [assistant("4")], "rejected": [assistant("5")]},
+        {
+            "prompt": [system("Be brief."), user("2+2?")],
+            "chosen": [assistant("4")],
+            "rejected": [assistant("5")],
+        },
     ),
     (
         "prompt",
@@ -96,7 +100,11 @@ PROBLEMS = [
     ("text", {"text": ""}, ["'text' is empty"]),
     ("text", {"body": "x"}, ["missing 'text'"]),
     ("text", {"text": ["a"]}, ["'text' is a list; expected a string"]),
-    ("alpaca", {"instruction": "Do it", "input": 3}, ["'input' is a number; expected a string", "missing 'output'"]),
+    (
+        "alpaca",
+        {"instruction": "Do it", "input": 3},
+        ["'input' is a number; expected a string", "missing 'output'"],
+    ),
     (
         "messages",
         {"messages": "hi"},
@@ -151,7 +159,11 @@ PROBLEMS = [
             "chosen[0] is a user message; 'chosen' holds the assistant's answer only",
         ],
     ),
-    ("prompt", {"prompt": [system("Think.")]}, ["'prompt' holds only a system message; expected a user message after it"]),
+    (
+        "prompt",
+        {"prompt": [system("Think.")]},
+        ["'prompt' holds only a system message; expected a user message after it"],
+    ),
     ("prompt", {"answer": "4"}, ["missing 'prompt'"]),
 ]
 

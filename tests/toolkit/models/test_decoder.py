@@ -23,7 +23,9 @@ def make_pair(**overrides):
         for name, param in ours.named_parameters():
             if "norm" in name:
                 param.normal_(1.0, 0.1)
-    llama_config = LlamaConfig(**{k: v for k, v in config.to_dict().items() if k in LlamaConfig.__dataclass_fields__})
+    llama_config = LlamaConfig(
+        **{k: v for k, v in config.to_dict().items() if k in LlamaConfig.__dataclass_fields__}
+    )
     llama = LlamaForCausalLM(llama_config).eval()
     missing, unexpected = llama.load_state_dict(ours.state_dict(), strict=False)
     assert not unexpected and all("inv_freq" in k for k in missing)
@@ -40,7 +42,9 @@ def test_logits_match_llama(shape):
         a = ours(ids, attention_mask=mask).logits
         b = llama(ids, attention_mask=mask).logits
     assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
-    assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr() or shape == "untied-mha"
+    assert (
+        ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr() or shape == "untied-mha"
+    )
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

@@ -30,29 +30,52 @@ def tiny_recipe(tmp: Path, dpo_source: str | None = None) -> dict:
         "output_dir": str(tmp / "run"),
         "seed": 0,
         "stages": [
-            {"name": "tok", "method": "tokenizer", "data": {"sources": [corpus]}, "tokenizer": {"vocab_size": 400}},
+            {
+                "name": "tok",
+                "method": "tokenizer",
+                "data": {"sources": [corpus]},
+                "tokenizer": {"vocab_size": 400},
+            },
             {
                 "name": "pretrain",
                 "method": "pretrain",
                 "model": {"preset": "decoder-tiny", "config": TINY},
                 "data": {"sources": [corpus]},
-                "train": {"max_steps": 60, "per_device_train_batch_size": 8, "max_length": 64, "learning_rate": 3e-3,
-                          "logging_steps": 1},
+                "train": {
+                    "max_steps": 60,
+                    "per_device_train_batch_size": 8,
+                    "max_length": 64,
+                    "learning_rate": 3e-3,
+                    "logging_steps": 1,
+                },
             },
             {
                 "name": "sft",
                 "method": "sft",
                 "data": {"sources": [head("data/sft/train.jsonl", 400, tmp / "sft.jsonl")]},
-                "train": {"max_steps": 40, "per_device_train_batch_size": 16, "max_length": 64, "learning_rate": 3e-3,
-                          "logging_steps": 1},
+                "train": {
+                    "max_steps": 40,
+                    "per_device_train_batch_size": 16,
+                    "max_length": 64,
+                    "learning_rate": 3e-3,
+                    "logging_steps": 1,
+                },
                 "eval": {"tasks": head("data/eval/heldout.jsonl", 16, tmp / "eval.jsonl"), "samples": 2},
             },
             {
                 "name": "dpo",
                 "method": "dpo",
-                "data": {"sources": [dpo_source or head("data/preference/train.jsonl", 32, tmp / "pref.jsonl")]},
-                "train": {"max_steps": 25, "per_device_train_batch_size": 8, "max_length": 64, "learning_rate": 1e-3,
-                          "beta": 0.1, "logging_steps": 1},
+                "data": {
+                    "sources": [dpo_source or head("data/preference/train.jsonl", 32, tmp / "pref.jsonl")]
+                },
+                "train": {
+                    "max_steps": 25,
+                    "per_device_train_batch_size": 8,
+                    "max_length": 64,
+                    "learning_rate": 1e-3,
+                    "beta": 0.1,
+                    "logging_steps": 1,
+                },
             },
         ],
     }
@@ -95,7 +118,11 @@ def test_pretrain_and_sft_losses_fall(finished_run):
 
 def test_dpo_reward_margin_rises(finished_run):
     recipe, _ = finished_run
-    margins = [r["rewards/margins"] for r in read_metrics(recipe.output_dir / "dpo" / "metrics.jsonl") if "rewards/margins" in r]
+    margins = [
+        r["rewards/margins"]
+        for r in read_metrics(recipe.output_dir / "dpo" / "metrics.jsonl")
+        if "rewards/margins" in r
+    ]
     assert len(margins) >= 20
     # 32 pairs seen about six times: the objective DPO optimises must show on them.
     assert mean(margins[-5:]) > mean(margins[:5]) + 0.1, margins
