@@ -31,7 +31,9 @@ def markdown_table(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for check in report["checks"]:
-        lines.append(f"| {check['measure']} | {_fmt(check['value'])} | {check['bound']} | {'yes' if check['ok'] else 'NO'} |")
+        lines.append(
+            f"| {check['measure']} | {_fmt(check['value'])} | {check['bound']} | {'yes' if check['ok'] else 'NO'} |"
+        )
     bounded = {c["measure"] for c in report["checks"]}
     for name, value in report["measures"].items():
         if name not in bounded:
@@ -39,8 +41,10 @@ def markdown_table(report: dict[str, Any]) -> str:
     for name, why in (report.get("fallbacks") or {}).items():
         lines.append(f"\nfallback: `{name}`: {why}")
     if report.get("lora"):
-        lines.append(f"\nLoRA merged into {report['lora']['base']}: max |delta| vs base+adapter "
-                     f"{report['lora']['merge_drift_max_abs']:.3g}")
+        lines.append(
+            f"\nLoRA merged into {report['lora']['base']}: max |delta| vs base+adapter "
+            f"{report['lora']['merge_drift_max_abs']:.3g}"
+        )
     for problem in report.get("file_problems", []) + report.get("tokenization_mismatches", []):
         lines.append(f"\nproblem: {problem!r}")
     return "\n".join(lines)

@@ -56,7 +56,9 @@ def _final_folder(src: Path) -> tuple[Path, Path | None]:
         return src, (src.parent.parent if src.name == "final" else None)
     if _is_model_folder(src / "final"):
         return src / "final", src.parent
-    stages = [d for d in src.iterdir() if d.is_dir() and _is_model_folder(d / "final")] if src.is_dir() else []
+    stages = (
+        [d for d in src.iterdir() if d.is_dir() and _is_model_folder(d / "final")] if src.is_dir() else []
+    )
     if not stages:
         raise ExportError(
             f"{src} is neither an HF model folder (config.json) nor a run folder with a <stage>/final/ inside"
@@ -128,7 +130,7 @@ def merge_lora(adapter_dir: Path, name: str, run_dir: Path | None, prompts: list
     before = logits()
     model = model.merge_and_unload()
     after = logits()
-    drift = max((float((a - b).abs().max()) for a, b in zip(before, after)), default=0.0)
+    drift = max((float((a - b).abs().max()) for a, b in zip(before, after, strict=True)), default=0.0)
 
     tmp = tempfile.TemporaryDirectory(prefix="merged-")
     merged = Path(tmp.name)

@@ -45,7 +45,9 @@ _GENERATION_TAG = re.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
 
 def portable_chat_template(template: str) -> str:
     """`template` without transformers-only tags, rendering the same text in any jinja2 / minja."""
-    return _GENERATION_TAG.sub(lambda m: "{%" + m[1] + (" endif " if m[2] else " if true ") + m[3] + "%}", template)
+    return _GENERATION_TAG.sub(
+        lambda m: "{%" + m[1] + (" endif " if m[2] else " if true ") + m[3] + "%}", template
+    )
 
 
 def _steps(pre: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -107,9 +109,11 @@ class GGUFVocab:
 
 def _check_model(tokenizer_json: dict[str, Any], where: Path) -> None:
     model = tokenizer_json.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback") or tokenizer_json.get("decoder", {}).get(
-        "type"
-    ) not in ("ByteLevel", None):
+    if (
+        model.get("type") != "BPE"
+        or model.get("byte_fallback")
+        or tokenizer_json.get("decoder", {}).get("type") not in ("ByteLevel", None)
+    ):
         raise ExportError(
             f"tokenizer {where}: model {model.get('type')} "
             f"(byte_fallback={model.get('byte_fallback')}) is not byte-level BPE; GGUF export supports "

@@ -57,7 +57,11 @@ BOUNDS: dict[str, dict[str, tuple[str, float]]] = {
     "q4_1": {"mean_kl": ("<=", 0.1)},
     "q4_k_m": {"mean_kl": ("<=", 0.1)},
 }
-ALWAYS = {"file_complete": ("==", 1.0), "tokenization_identical": ("==", 1.0), "chat_template_identical": ("==", 1.0)}
+ALWAYS = {
+    "file_complete": ("==", 1.0),
+    "tokenization_identical": ("==", 1.0),
+    "chat_template_identical": ("==", 1.0),
+}
 
 
 def check_file(path: Path, plan: GGUFPlan, jobs: list[Any], vocab: GGUFVocab) -> list[str]:
@@ -133,8 +137,15 @@ def _checks(quant: str, measures: dict[str, float]) -> list[dict[str, Any]]:
 
 
 def verify_gguf(
-    path: Path, folder: Path, quant: str, plan: GGUFPlan, jobs: list[Any], vocab: GGUFVocab,
-    *, n_threads: int | None = None, prompts: list[str] | None = None,
+    path: Path,
+    folder: Path,
+    quant: str,
+    plan: GGUFPlan,
+    jobs: list[Any],
+    vocab: GGUFVocab,
+    *,
+    n_threads: int | None = None,
+    prompts: list[str] | None = None,
 ) -> dict[str, Any]:
     """Compare the GGUF at `path` with the HF model in `folder`; a report dict with `ok` and each check."""
     import torch
@@ -142,7 +153,7 @@ def verify_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import toolkit  # noqa: F401  (registers the toolkit's architectures for AutoModel)
-    from export.llama_cpp import load_for_verification
+    from export.llama_cpp import load_for_verification, quiet
 
     prompts = prompts or PROMPTS
     problems = check_file(path, plan, jobs, vocab)
@@ -184,7 +195,8 @@ def verify_gguf(
     measures["file_complete"] = float(not problems)
     measures["tokenization_identical"] = float(not token_mismatches)
     measures["chat_template_identical"] = chat_identical
-    llm.close()
+    with quiet():  # llama.cpp logs its buffers on release
+        llm.close()
 
     checks = _checks(quant, measures)
     return {

@@ -72,7 +72,10 @@ def train_tokenizer(style: str, out_dir: Path, vocab_size: int = 512) -> PreTrai
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=bos, pad_token="<|pad|>",
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=bos,
+        pad_token="<|pad|>",
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     fast.chat_template = CHATML
@@ -80,10 +83,10 @@ def train_tokenizer(style: str, out_dir: Path, vocab_size: int = 512) -> PreTrai
     return fast
 
 
-def train_briefly(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, steps: int = 120) -> None:
+def train_briefly(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, steps: int = 150) -> None:
     """A few AdamW steps on the corpus: peaked, structured logits like a trained model's, in seconds."""
     ids = torch.tensor(tokenizer("\n".join(corpus()))["input_ids"])
-    windows = ids[: len(ids) // 64 * 64].view(-1, 64)
+    windows = ids[: len(ids) // 32 * 32].view(-1, 32)
     generator = torch.Generator().manual_seed(0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
@@ -96,19 +99,36 @@ def train_briefly(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, st
     model.eval()
 
 
-def save_model(kind: str, out_dir: Path, style: str = "qwen2", seed: int = 0, **overrides) -> Path:
-    """A tiny `kind` model (decoder, llama, qwen2, mistral) with a `style` tokenizer, saved to `out_dir`."""
-    import toolkit  # noqa: F401
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def save_model(
+    kind: str, out_dir: Path, style: str = "qwen2", seed: int = 0, train: bool = False, **overrides
+) -> Path:
+    """A tiny `kind` model (decoder, llama, qwen2, mistral) with a `style` tokenizer, saved to `out_dir`.
 
+    Untrained models have flat logits (fine for f32 parity); `train` makes them peaked for quant bounds.
+    """
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    import toolkit  # noqa: F401
     from toolkit.models import DecoderForCausalLM, build_config
 
     tokenizer = train_tokenizer(style, out_dir)
     shape = dict(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     shape.update(overrides)
@@ -122,11 +142,32 @@ def save_model(kind: str, out_dir: Path, style: str = "qwen2", seed: int = 0, **
             "mistral": (MistralConfig, MistralForCausalLM),
         }[kind]
         model = model_class(config_class(**shape))
-    train_briefly(model, tokenizer)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):  # initialised to zero: random values make their mapping matter
+                param.normal_(0.0, 0.02)
+    if train:
+        train_briefly(model, tokenizer)
     model.save_pretrained(out_dir)
     return out_dir
 
 
 @pytest.fixture(scope="session")
 def decoder_dir(tmp_path_factory) -> Path:
-    return save_model("decoder", tmp_path_factory.mktemp("decoder"))
+    return save_model("decoder", tmp_path_factory.mktemp("decoder"), train=True)
+
+
+@pytest.fixture(scope="session")
+def make_model():
+    """`save_model` as a fixture (test modules cannot import conftest under --import-mode=importlib)."""
+    return save_model
+
+
+@pytest.fixture(scope="session")
+def make_tokenizer():
+    return train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def chatml() -> str:
+    return CHATML

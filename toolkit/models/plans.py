@@ -214,11 +214,14 @@ _EDGE_RULES: tuple[TensorRule, ...] = (
 
 _IGNORED = ("model.layers.{bid}.self_attn.rotary_emb.inv_freq",)
 
-# llama.cpp's `llama` graph: normal (interleaved) RoPE, so q and k rows are permuted; q/k/v biases optional.
+# llama.cpp's `llama` graph: normal (interleaved) RoPE, so q and k rows are permuted; attention biases
+# (LlamaConfig.attention_bias) optional, the output projection's included.
 LLAMA_GGUF = GGUFPlan(
     arch="llama",
     hparams=LLAMA_HPARAMS,
-    tensors=_EDGE_RULES + _block_rules(permute_q, permute_k, qkv_bias_optional=True),
+    tensors=_EDGE_RULES
+    + _block_rules(permute_q, permute_k, qkv_bias_optional=True)
+    + (TensorRule(f"{_BLOCK}.self_attn.o_proj.bias", "blk.{bid}.attn_output.bias", optional=True),),
     checks=LLAMA_CHECKS,
     ignored=_IGNORED,
 )

@@ -1,0 +1,93 @@
+"""`toolkit export gguf|ollama`: argparse wiring for the exporters; `python -m export.cli` runs it alone."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from export.gguf import QUANTS, ExportResult, export_gguf
+from export.ollama import export_ollama
+from export.report import markdown_table, report_path
+from toolkit.errors import ToolkitError
+
+
+def _common(parser: argparse.ArgumentParser, default_quant: str) -> None:
+    parser.add_argument(
+        "src", type=Path, help="run folder (runs/<name>: its newest stage's final/) or HF folder"
+    )
+    parser.add_argument(
+        "--quant", default=default_quant, choices=list(QUANTS), help=f"type (default {default_quant})"
+    )
+    parser.add_argument("--force", action="store_true", help="replace existing output files")
+    parser.add_argument(
+        "--no-verify", dest="verify", action="store_false", help="skip llama.cpp verification"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: up to 4)")
+
+
+def _summarise(result: ExportResult) -> int:
+    print(f"wrote {result.path} ({result.quant}, {result.seconds:.2f} s)")
+    if result.report is None:
+        return 0
+    print(markdown_table(result.report))
+    print(f"report: {report_path(result.path)}")
+    if not result.ok:
+        print("verification FAILED: a bound was missed (see the table above)", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def run_gguf(args: argparse.Namespace) -> int:
+    result = export_gguf(
+        args.src, args.quant, args.out, force=args.force, verify=args.verify, n_threads=args.threads
+    )
+    return _summarise(result)
+
+
+def run_ollama(args: argparse.Namespace) -> int:
+    result = export_ollama(
+        args.src,
+        args.out,
+        args.quant,
+        system=args.system,
+        force=args.force,
+        verify=args.verify,
+        n_threads=args.threads,
+    )
+    code = _summarise(result.gguf)
+    print(
+        f"wrote {result.modelfile} (stops: {', '.join(result.stops)}); run: ollama create NAME -f {result.modelfile}"
+    )
+    for note in result.notes:
+        print(f"note: {note}")
+    return code
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `gguf` and `ollama` to the `toolkit export` sub-command group."""
+    gguf = subparsers.add_parser("gguf", help="write a GGUF with gguf-py and verify it in llama.cpp")
+    _common(gguf, "q8_0")
+    gguf.add_argument(
+        "--out", type=Path, default=None, help="output file (default: <run>/gguf/<name>-<quant>.gguf)"
+    )
+    gguf.set_defaults(func=run_gguf)
+    ollama = subparsers.add_parser("ollama", help="GGUF plus an Ollama Modelfile")
+    _common(ollama, "q8_0")
+    ollama.add_argument("--out", type=Path, required=True, help="output folder for the GGUF and Modelfile")
+    ollama.add_argument("--system", default=None, help="SYSTEM prompt written into the Modelfile")
+    ollama.set_defaults(func=run_ollama)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export.cli", description=__doc__)
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ToolkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
