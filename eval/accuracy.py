@@ -74,6 +74,11 @@ def task_accuracy(
 ) -> dict[str, Any]:
     """Overall and per-task accuracy on rows `{"task", "prompt", "answer"}`, with the first `samples` answers."""
     predictions = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+    return score_answers(rows, predictions, samples)
+
+
+def score_answers(rows: list[dict[str, Any]], predictions: list[str], samples: int = 5) -> dict[str, Any]:
+    """Overall and per-task exact-match accuracy of `predictions` for rows `{"task", "prompt", "answer"}`."""
     hits: dict[str, list[bool]] = defaultdict(list)
     for row, prediction in zip(rows, predictions, strict=True):
         hits[row.get("task", "all")].append(score(prediction, row["answer"]))

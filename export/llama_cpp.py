@@ -117,3 +117,28 @@ def load_for_verification(path: Path, n_ctx: int = 512, n_threads: int | None = 
             n_threads_batch=threads,
             verbose=False,
         )
+
+
+def chat_answers(
+    path: Path, prompts: list[str], max_tokens: int = 24, n_threads: int | None = None
+) -> list[str]:
+    """Greedy answers from the GGUF in llama.cpp, each prompt sent as one user turn.
+
+    The conversation is rendered by the chat template stored in the file (`tokenizer.chat_template`) and
+    generation stops at the file's end-of-generation tokens: this is how llama.cpp, LM Studio and Ollama will
+    talk to the model, so it checks that template and stop tokens travelled with the weights.
+    """
+    llama_cpp = _llama_cpp()
+    threads = n_threads or default_threads()
+    with quiet():
+        llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
+    answers = []
+    for prompt in prompts:
+        with quiet():
+            reply = llm.create_chat_completion(
+                messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0
+            )
+        answers.append((reply["choices"][0]["message"]["content"] or "").strip())
+    return answers

@@ -23,9 +23,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.output_dir:
         recipe.output_dir = Path(args.output_dir)
     results = run(recipe, resume=args.resume, overwrite=args.overwrite)
-    from accelerate import PartialState
+    from toolkit.train.runner import distributed_state
 
-    if PartialState().is_main_process:
+    if distributed_state().is_main_process:
         print()
         print(format_summary(recipe.output_dir, results))
     return 0

@@ -58,10 +58,14 @@ METHODS: dict[str, Method] = {
     ),
     "sft": Method("trl:SFTConfig", "messages"),
     "dpo": Method("trl:DPOConfig", "preference"),
+    # GGUF (+ Ollama Modelfile) of the previous stage, verified in llama.cpp; `eval.tasks` then asks the
+    # GGUF itself, through llama.cpp and the chat template inside the file.
+    "export": Method(None, None),
 }
 
 RECIPE_KEYS = {"name", "description", "output_dir", "seed", "stages"}
-STAGE_KEYS = {"name", "method", "model", "tokenizer", "data", "train", "peft", "eval"}
+STAGE_KEYS = {"name", "method", "model", "tokenizer", "data", "train", "peft", "eval", "export"}
+EXPORT_KEYS = {"quant", "verify", "system"}
 MODEL_KEYS = {
     "preset",
     "path",
@@ -89,6 +93,7 @@ class Stage:
     train: dict[str, Any] = field(default_factory=dict)
     peft: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
 
 
 @dataclass
@@ -214,6 +219,8 @@ def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str) -> Stag
     at = f"{where}: stages.{name}"
     _check_keys(raw, STAGE_KEYS, at)
     stage = Stage(name=name, method=method)
+    if method == "export":
+        return _parse_export_stage(stage, raw, earlier, at)
     stage.data = dict(_check_keys(raw.get("data"), DATA_KEYS, f"{at}.data"))
     sources = stage.data.get("sources")
     if not sources:
@@ -231,7 +238,7 @@ def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str) -> Stag
         return stage
 
     stage.model = dict(_check_keys(raw.get("model"), MODEL_KEYS, f"{at}.model"))
-    trained = [s.name for s in earlier if s.method != "tokenizer"]
+    trained = [s.name for s in earlier if METHODS[s.method].config_class]
     sources = [k for k in ("preset", "path", "from") if k in stage.model]
     if len(sources) > 1:
         raise RecipeError(f"{at}.model: give one of preset/path/from, not {' and '.join(sources)}")
@@ -264,6 +271,29 @@ def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str) -> Stag
         raise RecipeError(f"{at}.train.output_dir: set by the runner (runs/<name>/<stage>/checkpoints)")
     if raw.get("peft") is not None:
         stage.peft = _parse_peft(raw["peft"], f"{at}.peft")
+    if raw.get("eval") is not None:
+        stage.eval = dict(_check_keys(raw["eval"], EVAL_KEYS, f"{at}.eval"))
+    return stage
+
+
+def _parse_export_stage(stage: Stage, raw: dict[str, Any], earlier: list[Stage], at: str) -> Stage:
+    """An export stage takes the model of an earlier training stage (by default the last one)."""
+    for key in ("data", "train", "peft", "tokenizer"):
+        if raw.get(key):
+            raise RecipeError(f"{at}.{key}: an export stage takes only 'model', 'export' and 'eval'")
+    model = _check_keys(raw.get("model"), {"from"}, f"{at}.model")
+    trained = [s.name for s in earlier if METHODS[s.method].config_class]
+    source = model.get("from") or (trained[-1] if trained else None)
+    if source not in trained:
+        raise RecipeError(
+            f"{at}.model.from: export needs an earlier training stage (earlier: {', '.join(trained) or 'none'})"
+        )
+    stage.model = {"from": source}
+    stage.export = {
+        "quant": "q8_0",
+        "verify": True,
+        **_check_keys(raw.get("export"), EXPORT_KEYS, f"{at}.export"),
+    }
     if raw.get("eval") is not None:
         stage.eval = dict(_check_keys(raw["eval"], EVAL_KEYS, f"{at}.eval"))
     return stage

@@ -69,6 +69,21 @@ class StageResult:
     skipped: bool = False
 
 
+def cpu_only() -> bool:
+    """True on a machine with no accelerator that torch can train on."""
+    xpu = getattr(torch, "xpu", None)
+    return not (
+        torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu and xpu.is_available())
+    )
+
+
+def distributed_state() -> PartialState:
+    """Accelerate's process state. Its first creation fixes the backend for the whole process: on a CPU-only
+    machine it must be told so, or processes started by `accelerate launch`/`torchrun` each run alone
+    instead of joining one gloo group."""
+    return PartialState(cpu=cpu_only())
+
+
 def device_defaults() -> dict[str, Any]:
     """Trainer settings that depend on the hardware, applied under the recipe's own `train:` keys.
 
@@ -76,7 +91,13 @@ def device_defaults() -> dict[str, Any]:
     """
     if torch.cuda.is_available():
         return {"bf16": torch.cuda.is_bf16_supported()}
-    return {"bf16": False, "fp16": False, "activation_checkpointing": False, "dataloader_pin_memory": False}
+    return {
+        "bf16": False,
+        "fp16": False,
+        "activation_checkpointing": False,
+        "dataloader_pin_memory": False,
+        "use_cpu": cpu_only(),
+    }
 
 
 def environment() -> dict[str, Any]:
@@ -87,7 +108,7 @@ def environment() -> dict[str, Any]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
-    state = PartialState()
+    state = distributed_state()
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -101,9 +122,11 @@ def environment() -> dict[str, Any]:
 
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> list[StageResult]:
     """Run every stage of `recipe` in order; returns what each stage produced."""
-    state = PartialState()
+    state = distributed_state()
     run_dir = recipe.output_dir
-    if (run_dir / "recipe.yaml").exists() and not (resume or overwrite):
+    earlier_run = (run_dir / "recipe.yaml").exists()
+    state.wait_for_everyone()  # every rank looks before the main process writes
+    if earlier_run and not (resume or overwrite):
         raise RecipeError(
             f"{run_dir} holds an earlier run; pass --resume to continue it or --overwrite to start over"
         )
@@ -131,6 +154,11 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False) -> list[S
                     _train_tokenizer(stage, final)
             results.append(StageResult(stage.name, stage.method, final, None))
             continue
+        if stage.method == "export":
+            evaluation = _export(stage, run_dir, final) if state.is_main_process else None
+            state.wait_for_everyone()
+            results.append(StageResult(stage.name, stage.method, final, evaluation))
+            continue
         model, tokenizer = _train(stage, recipe, stage_dir, resume)
         evaluation = None
         if stage.eval and state.is_main_process:
@@ -155,6 +183,39 @@ def _train_tokenizer(stage: Stage, final: Path) -> None:
         if not Path(path).exists():
             raise ToolkitError(f"stages.{stage.name}.data.sources: file not found: {path}")
     train_tokenizer(files, out_dir=final, **stage.tokenizer)
+
+
+def _export(stage: Stage, run_dir: Path, final: Path) -> dict[str, Any]:
+    """GGUF + Modelfile of an earlier stage into `final/` (atomically), verified; then `eval.tasks` through
+    llama.cpp. A missed verification bound stops the run: an unverified file is not a result."""
+    from eval.accuracy import score_answers
+    from export.llama_cpp import chat_answers
+    from export.ollama import export_ollama
+
+    spec = stage.export
+    source = run_dir / stage.model["from"] / "final"
+    tmp = final.parent / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    result = export_ollama(
+        source, tmp, spec["quant"], system=spec.get("system"), force=True, verify=spec["verify"]
+    )
+    if not result.ok:
+        raise ToolkitError(f"stages.{stage.name}: the GGUF missed a verification bound; see {tmp}")
+    os.replace(tmp, final)
+    gguf = final / result.gguf.path.name
+    evaluation: dict[str, Any] = {
+        "gguf": str(gguf),
+        "verification": (result.gguf.report or {}).get("measures"),
+    }
+    if stage.eval and stage.eval.get("tasks"):
+        rows = _read_jsonl(stage.eval["tasks"])[: stage.eval.get("limit")]
+        answers = chat_answers(gguf, [r["prompt"] for r in rows], stage.eval.get("max_new_tokens", 24))
+        evaluation["tasks"] = {
+            **score_answers(rows, answers, stage.eval.get("samples", 5)),
+            "runtime": "llama.cpp",
+        }
+    write_json(final.parent / "eval.json", evaluation)
+    return evaluation
 
 
 def resolve_model_path(stage: Stage, run_dir: Path) -> str:
@@ -280,7 +341,8 @@ def _train(stage: Stage, recipe: Recipe, stage_dir: Path, resume: bool) -> tuple
     run_dir = recipe.output_dir
     tokenizer = load_tokenizer(stage, run_dir)
     model = load_model(stage, run_dir, tokenizer)
-    train_data, eval_data = _load_data(stage, recipe.seed)
+    with distributed_state().main_process_first():  # one rank fills the datasets cache, the others read it
+        train_data, eval_data = _load_data(stage, recipe.seed)
     args = _trainer_args(stage, recipe, stage_dir, tokenizer)
     trainer_path, needs_reference = TRAINERS[stage.method]
     kwargs: dict[str, Any] = {}

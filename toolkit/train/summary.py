@@ -37,6 +37,17 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
                     if i < len(answers):
                         lines.append(f"     {r.name:>10}: {answers[i]['prediction'][:70]!r}")
             lines.append("")
+    for r in evaluated:
+        measures = r.eval.get("verification")
+        if measures:
+            lines.append(
+                f"{r.name}: {r.eval['gguf']} verified in llama.cpp against transformers: mean KL "
+                f"{measures['mean_kl']:.2e}, top-1 agreement {measures['top1_agreement']:.3f}, max |dlogit| "
+                f"{measures['max_abs_logit_delta']:.3g}, chat template and tokenization identical: "
+                f"{bool(measures['chat_template_identical'] and measures['tokenization_identical'])}"
+            )
+            lines.append(f"  run it: ollama create {r.name} -f {r.final / 'Modelfile'}")
+            lines.append("")
     lines.append("Artifacts:")
     for r in results:
         lines.append(f"  {r.name:>10}: {r.final}")
