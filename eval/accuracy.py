@@ -64,6 +64,59 @@ def generate_answers(
     return answers
 
 
+@torch.no_grad()
+def answer_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict[str, Any]],
+    batch_size: int = 32,
+) -> float:
+    """Mean negative log-likelihood per token of the right answer (and its end-of-turn), teacher-forced.
+
+    Exact match is all or nothing; this moves as soon as a model puts more probability on the right answers,
+    so it shows progress on held-out tasks before accuracy does.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for start in range(0, len(rows), batch_size):
+            sequences, masks = answer_spans(tokenizer, rows[start : start + batch_size])
+            width = max(map(len, sequences))
+            pad = tokenizer.pad_token_id
+            ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=model.device)
+            attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=model.device)
+            target = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=model.device)
+            logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            weight = target[:, 1:].float()
+            total += (nll * weight).sum().item()
+            count += int(weight.sum().item())
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+def answer_spans(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]) -> tuple[list, list]:
+    """Token ids of each rendered conversation up to the end of the answer, and a 0/1 mask of the answer tokens
+    (the answer and the token that closes the turn; not the template's trailing newline)."""
+    sequences, masks = [], []
+    for row in rows:
+        prompt = [{"role": "user", "content": row["prompt"]}]
+        full = prompt + [{"role": "assistant", "content": row["answer"]}]
+        prefix = _ids(tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True))
+        whole = _ids(tokenizer.apply_chat_template(full, tokenize=True))
+        end = len(prefix) + len(tokenizer(row["answer"], add_special_tokens=False)["input_ids"]) + 1
+        sequences.append(whole[:end])
+        masks.append([0] * len(prefix) + [1] * (end - len(prefix)))
+    return sequences, masks
+
+
+def _ids(encoded: Any) -> list[int]:
+    """`apply_chat_template(tokenize=True)` gives a list or a BatchEncoding depending on the version."""
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
 def task_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -74,7 +127,7 @@ def task_accuracy(
 ) -> dict[str, Any]:
     """Overall and per-task accuracy on rows `{"task", "prompt", "answer"}`, with the first `samples` answers."""
     predictions = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
-    return score_answers(rows, predictions, samples)
+    return {**score_answers(rows, predictions, samples), "answer_nll": answer_nll(model, tokenizer, rows, batch_size)}
 
 
 def score_answers(rows: list[dict[str, Any]], predictions: list[str], samples: int = 5) -> dict[str, Any]:

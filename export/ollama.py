@@ -18,6 +18,7 @@ from typing import Any
 from export.gguf import ExportResult, export_gguf
 from export.source import resolve_source
 from toolkit.errors import ExportError
+from toolkit.io import write_text
 
 # Go-template ChatML, over Ollama's `.Messages` (role/content pairs, the Modelfile SYSTEM included as the
 # first system message), ending with the assistant header as jinja's add_generation_prompt does.
@@ -182,9 +183,8 @@ def export_ollama(
     out_dir.mkdir(parents=True, exist_ok=True)
     gguf_path = out_dir / f"{name}-{quant}.gguf"
     result = export_gguf(src, quant, gguf_path, force=force, verify=verify, n_threads=n_threads)
-    modelfile.write_text(
-        modelfile_text(gguf_path.name, stops, gguf_context_length(gguf_path), template, system),
-        encoding="utf-8",
+    write_text(
+        modelfile, modelfile_text(gguf_path.name, stops, gguf_context_length(gguf_path), template, system)
     )
     notes = (
         []

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from toolkit.io import write_json
 
 
 def report_path(out: Path) -> Path:
@@ -14,7 +15,7 @@ def report_path(out: Path) -> Path:
 def write_report(out: Path, report: dict[str, Any]) -> Path:
     """Write `report` beside the exported file `out`; returns the report's path."""
     path = report_path(out)
-    path.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    write_json(path, report)
     return path
 
 

@@ -10,10 +10,14 @@ from toolkit.train.runner import StageResult
 def format_summary(run_dir: Path, results: list[StageResult]) -> str:
     """A plain-text report of a finished run (what `toolkit train` prints last)."""
     lines = [f"Run {run_dir}", ""]
+    legend = (
+        "accuracy: exact answers to held-out questions; answer nll: nats per token of the right answer "
+        "(lower is better); perplexity: on held-out text"
+    )
     evaluated = [r for r in results if r.eval]
     if evaluated:
         tasks = sorted({t for r in evaluated for t in r.eval.get("tasks", {}).get("per_task", {})})
-        header = ["stage", "accuracy", "perplexity", *tasks]
+        header = ["stage", "accuracy", "answer nll", "perplexity", *tasks]
         rows = []
         for r in evaluated:
             acc = r.eval.get("tasks", {})
@@ -22,11 +26,12 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
                 [
                     r.name,
                     f"{acc['accuracy']:.3f}" if acc else "-",
+                    f"{acc['answer_nll']:.3f}" if "answer_nll" in acc else "-",
                     f"{ppl:.2f}" if ppl else "-",
                     *(f"{acc.get('per_task', {}).get(t, float('nan')):.2f}" for t in tasks),
                 ]
             )
-        lines += _table(header, rows) + [""]
+        lines += _table(header, rows) + [legend, ""]
         samples = [r for r in evaluated if r.eval.get("tasks", {}).get("samples")]
         if samples:
             lines.append("Held-out prompts, answered by each stage:")

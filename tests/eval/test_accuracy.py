@@ -1,0 +1,54 @@
+"""Task accuracy and answer likelihood against hand-computed references."""
+
+import math
+
+import pytest
+import torch
+
+import toolkit  # noqa: F401
+from eval.accuracy import answer_nll, answer_spans, score_answers
+from toolkit.data.tokenizer import train_tokenizer
+from toolkit.models import build_config
+from toolkit.models.decoder import DecoderForCausalLM
+
+ROWS = [
+    {"task": "addition", "prompt": "What is 17 + 25?", "answer": "42"},
+    {"task": "copy", "prompt": "Repeat after me: blue river", "answer": "blue river"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("c") / "c.txt"
+    corpus.write_text("What is 17 + 25? It is 42. Repeat after me: blue river, blue river.\n" * 40)
+    return train_tokenizer([str(corpus)], vocab_size=300, out_dir=tmp_path_factory.mktemp("t") / "tok")
+
+
+def test_answer_spans_cover_exactly_the_answer_and_end_of_turn(tokenizer):
+    sequences, masks = answer_spans(tokenizer, ROWS)
+    for row, ids, mask in zip(ROWS, sequences, masks, strict=True):
+        scored = [t for t, m in zip(ids, mask, strict=True) if m]
+        assert tokenizer.decode(scored) == row["answer"] + "<|im_end|>"
+        prompt = tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m])
+        assert prompt.endswith("<|im_start|>assistant\n") and row["prompt"] in prompt
+
+
+def test_answer_nll_matches_manual_log_softmax(tokenizer):
+    torch.manual_seed(0)
+    model = DecoderForCausalLM(build_config("decoder-tiny", vocab_size=len(tokenizer), num_hidden_layers=1)).eval()
+    sequences, masks = answer_spans(tokenizer, ROWS)
+    total, count = 0.0, 0
+    for ids, mask in zip(sequences, masks, strict=True):  # one row at a time: no padding involved
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        for position in range(1, len(ids)):
+            if mask[position]:
+                total -= logp[position - 1, ids[position]].item()
+                count += 1
+    assert math.isclose(answer_nll(model, tokenizer, ROWS, batch_size=2), total / count, rel_tol=1e-4)
+
+
+def test_score_answers_per_task():
+    result = score_answers(ROWS, ["42.", "blue  river\nmore text"], samples=1)
+    assert result["accuracy"] == 1.0 and result["per_task"] == {"addition": 1.0, "copy": 1.0}
+    result = score_answers(ROWS, ["43", "blue river"])
+    assert result["accuracy"] == 0.5 and result["per_task"]["addition"] == 0.0

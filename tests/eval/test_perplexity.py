@@ -1,0 +1,29 @@
+"""Perplexity against the model's own shifted cross-entropy, computed by transformers."""
+
+import math
+
+import torch
+
+import toolkit  # noqa: F401
+from eval.perplexity import perplexity
+from toolkit.data.tokenizer import train_tokenizer
+from toolkit.models import build_config
+from toolkit.models.decoder import DecoderForCausalLM
+
+
+def test_perplexity_is_exp_of_transformers_loss(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat and the dog sat on the log.\n" * 40)
+    tokenizer = train_tokenizer([str(corpus)], vocab_size=280, out_dir=tmp_path / "tok")
+    torch.manual_seed(0)
+    model = DecoderForCausalLM(build_config("decoder-tiny", vocab_size=len(tokenizer), num_hidden_layers=1)).eval()
+    texts = ["the cat sat on the mat", "and the dog sat on the log"]
+    stream = []
+    for text in texts:
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    window = len(stream)  # one window holding everything: the figure is exp(loss) of that sequence
+    with torch.no_grad():
+        loss = model(torch.tensor([stream]), labels=torch.tensor([stream])).loss.item()
+    result = perplexity(model, tokenizer, texts, window=window)
+    assert result["tokens"] == window - 1
+    assert math.isclose(result["perplexity"], math.exp(loss), rel_tol=1e-5)
