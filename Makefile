@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/toolkit train recipes/quickstart.yaml --overwrite
+	# All cores: a demo machine is otherwise idle (tests keep one thread per process).
+	OMP_NUM_THREADS=$$(nproc) $(VENV)/bin/toolkit train recipes/quickstart.yaml --overwrite
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""`toolkit export gguf|ollama`: argparse wiring for the exporters; `python -m export.cli` runs it alone."""
+"""`toolkit export gguf|ollama|vllm`: argparse wiring for the exporters; `python -m export.cli` runs it alone."""
 
 from __future__ import annotations
 
@@ -63,8 +63,31 @@ def run_ollama(args: argparse.Namespace) -> int:
     return code
 
 
+def run_vllm(args: argparse.Namespace) -> int:
+    from export.verify_hf import markdown_table as folder_table
+    from export.vllm import export_vllm
+
+    result = export_vllm(
+        args.src,
+        args.out,
+        form=args.form,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        verify=args.verify,
+    )
+    print(f"wrote {result.path} ({result.form}, {result.dtype}, {result.seconds:.2f} s)")
+    for name, section in (result.report.get("verification") or {}).items():
+        print(folder_table(section, f"{name}: {result.path}"))
+    print(f"report: {result.path / 'export_report.json'}")
+    print(f"serve: toolkit serve {result.path}")
+    if not result.ok:
+        print("verification FAILED: a bound was missed (see the table above)", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `gguf` and `ollama` to the `toolkit export` sub-command group."""
+    """Add `gguf`, `ollama` and `vllm` to the `toolkit export` sub-command group."""
     gguf = subparsers.add_parser("gguf", help="write a GGUF with gguf-py and verify it in llama.cpp")
     _common(gguf, "q8_0")
     gguf.add_argument(
@@ -76,6 +99,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ollama.add_argument("--out", type=Path, required=True, help="output folder for the GGUF and Modelfile")
     ollama.add_argument("--system", default=None, help="SYSTEM prompt written into the Modelfile")
     ollama.set_defaults(func=run_ollama)
+    vllm = subparsers.add_parser(
+        "vllm", help="a folder `vllm serve` accepts as it is, verified without the toolkit"
+    )
+    vllm.add_argument(
+        "src", type=Path, help="run folder (runs/<name>: its newest stage's final/) or HF folder"
+    )
+    vllm.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: <run>/vllm, or <folder>-vllm)"
+    )
+    vllm.add_argument(
+        "--form",
+        default="auto",
+        choices=["auto", "native", "remote-code"],
+        help="native transformers architecture or remote-code folder (default: native when the plan has one)",
+    )
+    vllm.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (default: the source's)",
+    )
+    vllm.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    vllm.add_argument("--force", action="store_true", help="replace an existing output folder")
+    vllm.add_argument(
+        "--no-verify", dest="verify", action="store_false", help="skip the clean-process verification"
+    )
+    vllm.set_defaults(func=run_vllm)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""The `toolkit` command: one subcommand per job (train, arch, data, eval, export).
+"""The `toolkit` command: one subcommand per job (train, arch, data, eval, export, serve, push).
 
 Errors about the user's input (`ToolkitError`) end with one message and exit status 2, no traceback.
 Heavy libraries are imported inside each command, so `toolkit --help` stays fast.
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register(export_commands)
+    from export.cli_top import register_top_level
+
+    register_top_level(commands)
     return parser
 
 

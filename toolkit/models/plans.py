@@ -1,6 +1,6 @@
 """Export plans: how each architecture maps onto the formats its consumers already run.
 
-A plan is data, read by the exporters (`export/gguf.py` today, a vLLM exporter later): the llama.cpp
+A plan is data, read by the exporters (`export/gguf.py`, `export/vllm.py`): the llama.cpp
 architecture name, which GGUF hyper-parameter key comes from which config field, a table from checkpoint
 tensor names to GGUF tensor names (`{bid}` stands for the block index) with an optional transform per
 tensor, and the config values the target graph cannot represent. The exporter holds no per-architecture
@@ -135,13 +135,35 @@ class GGUFPlan:
 
 
 @dataclass(frozen=True)
+class VLLMPlan:
+    """How an architecture becomes a folder `vllm serve` accepts as it is (read by `export/vllm.py`).
+
+    Two routes, either or both declared:
+    - native: the transformers architecture vLLM implements itself (`architecture`, `model_type`), with the
+      config keys and tensor names renamed into its layout. vLLM then runs its own, fastest implementation.
+    - remote code: the model follows transformers' attention interface (`_supports_attention_backend`), so
+      vLLM's Transformers backend serves a folder that carries the modelling source (`auto_map`).
+    With neither, the export refuses and names `blocker`.
+    """
+
+    architecture: str | None = None  # e.g. "LlamaForCausalLM": a class name in `transformers`
+    model_type: str | None = None  # that class's config model_type, e.g. "llama"
+    # Source config key -> native key; keys not listed keep their name.
+    config_keys: dict[str, str] = field(default_factory=dict)
+    # (regex, replacement) applied in order to every tensor name (full weights and LoRA adapters alike,
+    # so patterns should not be anchored at the start); empty when the names are already native.
+    tensor_renames: tuple[tuple[str, str], ...] = ()
+    remote_code: bool = False
+    blocker: str | None = None  # why neither route works, when that is the case
+
+
+@dataclass(frozen=True)
 class ExportPlan:
     """Everything an architecture declares about its exports; a format it cannot reach is None."""
 
     model_type: str
     gguf: GGUFPlan | None = None
-    # Left for the vLLM exporter to fill (native class rewrite or remote-code folder); no exporter reads it yet.
-    vllm: Any | None = None
+    vllm: VLLMPlan | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -236,15 +258,17 @@ QWEN2_GGUF = GGUFPlan(
     ignored=_IGNORED,
 )
 
-register_plan(ExportPlan("llama", gguf=LLAMA_GGUF))
+# Native transformers folders are already what vLLM serves: the export copies and normalises them.
+register_plan(ExportPlan("llama", gguf=LLAMA_GGUF, vllm=VLLMPlan("LlamaForCausalLM", "llama")))
 register_plan(
     ExportPlan(
         "mistral",
         gguf=LLAMA_GGUF,
+        vllm=VLLMPlan("MistralForCausalLM", "mistral"),
         notes=("a sliding window shorter than max_position_embeddings becomes the GGUF context length",),
     )
 )
-register_plan(ExportPlan("qwen2", gguf=QWEN2_GGUF))
+register_plan(ExportPlan("qwen2", gguf=QWEN2_GGUF, vllm=VLLMPlan("Qwen2ForCausalLM", "qwen2")))
 
 __all__ = [
     "ConfigCheck",
@@ -255,6 +279,7 @@ __all__ = [
     "PLANS",
     "QWEN2_GGUF",
     "TensorRule",
+    "VLLMPlan",
     "get_plan",
     "register_plan",
 ]

@@ -270,6 +270,9 @@ def test_corpus_is_a_few_megabytes_of_documents_without_heldout_facts(shipped):
     assert 0 < len(valid) < len(train) / 10
     assert not set(r["text"] for r in train) & set(r["text"] for r in valid)
     sentences = {s for t in texts for s in re.split(r"(?<=\.) ", t)}
+    facts = [r["text"] for r in read_jsonl(DATA / "corpus" / "facts.jsonl")]
+    assert 5e5 < sum(len(t) for t in facts) < 1.2e6
+    sentences |= {s for t in facts for s in re.split(r"(?<=\.) ", t)}
     for row in shipped["eval/heldout"]:
         slots = tasks.parse_prompt(row["task"], row["prompt"])
         for state in tasks.TASKS[row["task"]].statements:

@@ -1,0 +1,85 @@
+"""Load an exported HF folder the way a machine without forge-toolkit would, and record what it computes.
+
+Run as a script in a fresh interpreter (`python -I export/clean_load.py REQUEST.json`) by `export/verify_hf.py`;
+never imported. An import hook makes `toolkit`, `export` and `eval` unimportable, so the folder must stand on
+its own: transformers' native class, or its own modelling files through `trust_remote_code=True`. Imports
+only the standard library, torch, transformers and (for adapters) peft.
+
+The request names the folder, the prompts and the conversation; the result (token ids, logits at every
+position, a greedy continuation, the class that was loaded) is saved with `torch.save` to the request's
+`out` path for the parent process to compare with the source model.
+"""
+
+import importlib.abc
+import json
+import sys
+
+BLOCKED = ("toolkit", "export", "eval")
+
+
+class BlockProject(importlib.abc.MetaPathFinder):
+    """Refuses the project's packages, whether installed (editable or not) or reachable from sys.path."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"{fullname} is blocked: the export must load without forge-toolkit")
+        return None
+
+
+def project_importable() -> bool:
+    try:
+        __import__("toolkit")
+    except ImportError:
+        return False
+    return True
+
+
+def main(request_path: str) -> None:
+    sys.meta_path.insert(0, BlockProject())
+    request = json.loads(open(request_path, encoding="utf-8").read())
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    folder = request["folder"]
+    remote = request["remote_code"]
+    tokenizer = AutoTokenizer.from_pretrained(request.get("tokenizer") or folder, trust_remote_code=remote)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote)
+    loaded = type(model)
+    if request.get("adapter"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, request["adapter"])
+    model.eval()
+
+    ids = [tokenizer(prompt)["input_ids"] for prompt in request["prompts"]]
+    chat = tokenizer.apply_chat_template(request["conversation"], add_generation_prompt=True, tokenize=False)
+    chat_ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor([row])).logits[0] for row in ids]
+        greedy = model.generate(
+            input_ids=torch.tensor([chat_ids]),
+            attention_mask=torch.ones(1, len(chat_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=request["greedy_tokens"],
+            min_new_tokens=request["greedy_tokens"],
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(chat_ids) :].tolist()
+    torch.save(
+        {
+            "ids": ids,
+            "chat": chat,
+            "chat_ids": chat_ids,
+            "logits": logits,
+            "greedy": greedy,
+            "loaded_class": f"{loaded.__module__}.{loaded.__qualname__}",
+            "project_importable": project_importable(),
+            "project_modules": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED),
+        },
+        request["out"],
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,365 @@
+"""`toolkit push SRC --repo USER/NAME`: a servable model folder, its GGUF files and a model card, to the Hub.
+
+SRC is a folder written by `toolkit export vllm` (a LoRA export pushes its `merged/` model), a run folder
+holding one in `vllm/`, or a native transformers folder. A folder that would not load without forge-toolkit
+(a `decoder` model_type without `auto_map`) is refused: export it first. GGUF files and the Modelfile found
+under the run's `gguf/` go to the repository root, where llama.cpp (`-hf USER/NAME:QUANT`) and Ollama
+(`ollama run hf.co/USER/NAME:QUANT`) look for them.
+
+The README.md model card is generated with `huggingface_hub.ModelCard`: YAML metadata (base_model,
+library_name, license, datasets, tags, pipeline_tag, and model-index from the stage's `eval.json`), how the
+model was trained (the run's recipe.yaml, env.json and metrics.jsonl), and how to run it with transformers,
+vLLM, llama.cpp and Ollama.
+
+Upload is one `create_repo` and one `create_commit` holding exactly the files `--dry-run` lists. The token is
+the standard one (`HF_TOKEN`, or `hf auth login`'s stored token), read by huggingface_hub and never printed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from toolkit.errors import ExportError
+
+PIPELINE_TAG = "text-generation"
+
+
+@dataclass
+class UploadItem:
+    """One file of the push: where it goes in the repository and where its bytes come from."""
+
+    path_in_repo: str
+    local: Path | None  # None for generated content
+    content: bytes | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.content) if self.content is not None else self.local.stat().st_size
+
+
+def find_model_folder(src: str | Path) -> Path:
+    """The HF folder to push for SRC: an export folder (its merged/ model for LoRA), or a run's vllm/."""
+    src = Path(src)
+    for folder in (src, src / "merged", src / "vllm", src / "vllm" / "merged"):
+        if (folder / "config.json").exists():
+            return folder
+    raise ExportError(f"{src} holds no model folder (config.json); run `toolkit export vllm {src}` first")
+
+
+def check_self_contained(folder: Path) -> dict[str, Any]:
+    """The folder's config, after checking that transformers can load it without forge-toolkit."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = json.loads((folder / "config.json").read_text())
+    model_type = config.get("model_type")
+    auto_map = config.get("auto_map") or {}
+    if model_type not in CONFIG_MAPPING_NAMES and not auto_map:
+        raise ExportError(
+            f"{folder}: model_type '{model_type}' is not a transformers architecture and config.json has no "
+            f"auto_map, so the pushed model would not load without forge-toolkit; "
+            f"run `toolkit export vllm {folder}` and push its output"
+        )
+    for reference in auto_map.values():
+        module = reference.split("--")[-1].rsplit(".", 1)[0]
+        if not (folder / f"{module}.py").exists():
+            raise ExportError(f"{folder}: auto_map names {reference} but {module}.py is not in the folder")
+    return config
+
+
+def _export_report(folder: Path) -> dict[str, Any]:
+    for candidate in (folder / "export_report.json", folder.parent / "export_report.json"):
+        if candidate.exists():
+            return json.loads(candidate.read_text())
+    return {}
+
+
+def find_run(folder: Path, report: dict[str, Any]) -> tuple[Path | None, Path | None]:
+    """(run folder, stage folder) the model came from, when they can be found."""
+    source = Path(report["source"]) if report.get("source") else folder
+    stage = source.parent if source.name == "final" else None
+    if report.get("run_dir"):
+        return Path(report["run_dir"]), stage
+    if stage is not None and (stage.parent / "recipe.yaml").exists():
+        return stage.parent, stage
+    return None, stage
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+
+def _is_hub_id(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and value.count("/") == 1
+        and not Path(value).exists()
+        and not value.startswith(".")
+    )
+
+
+def _sources(stage: dict[str, Any]) -> list[str]:
+    sources = (stage.get("data") or {}).get("sources") or []
+    return [s if isinstance(s, str) else s.get("path", "") for s in sources]
+
+
+def training_summary(run_dir: Path | None) -> dict[str, Any]:
+    """Stages, data, hardware and time of a run, from its recipe.yaml, env.json and metrics.jsonl."""
+    if run_dir is None or not (run_dir / "recipe.yaml").exists():
+        return {}
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    stages = []
+    for stage in recipe.get("stages", []):
+        metrics = run_dir / stage.get("name", "") / "metrics.jsonl"
+        rows = (
+            [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            if metrics.exists()
+            else []
+        )
+        losses = [r["loss"] for r in rows if "loss" in r]
+        runtime = sum(r.get("train_runtime", 0.0) for r in rows)
+        train = stage.get("train") or {}
+        stages.append(
+            {
+                "name": stage.get("name"),
+                "method": stage.get("method"),
+                "model": stage.get("model"),
+                "data": _sources(stage),
+                "peft": stage.get("peft"),
+                "max_steps": train.get("max_steps"),
+                "learning_rate": train.get("learning_rate"),
+                "final_loss": losses[-1] if losses else None,
+                "seconds": runtime or None,
+            }
+        )
+    return {"name": recipe.get("name"), "stages": stages, "env": _read_json(run_dir / "env.json")}
+
+
+def eval_results(stage_dir: Path | None, model_name: str) -> list[Any]:
+    """`EvalResult`s (model-index) from the stage's eval.json: task accuracy and perplexity."""
+    from huggingface_hub import EvalResult
+
+    evaluation = _read_json(stage_dir / "eval.json" if stage_dir else None)
+    results = []
+    if "tasks" in evaluation:
+        results.append(
+            EvalResult(
+                task_type=PIPELINE_TAG,
+                dataset_type="heldout-tasks",
+                dataset_name=f"{model_name} held-out checkable tasks",
+                metric_type="accuracy",
+                metric_value=evaluation["tasks"]["accuracy"],
+            )
+        )
+    if "perplexity" in evaluation:
+        results.append(
+            EvalResult(
+                task_type=PIPELINE_TAG,
+                dataset_type="validation-corpus",
+                dataset_name=f"{model_name} validation corpus",
+                metric_type="perplexity",
+                metric_value=evaluation["perplexity"]["perplexity"],
+            )
+        )
+    return results
+
+
+def build_model_card(folder: Path, repo_id: str, gguf_files: list[str], license: str | None = None) -> Any:
+    """The `huggingface_hub.ModelCard` for `folder` pushed as `repo_id` with `gguf_files` beside it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config = json.loads((folder / "config.json").read_text())
+    report = _export_report(folder)
+    run_dir, stage_dir = find_run(folder, report)
+    summary = training_summary(run_dir)
+    stages = summary.get("stages", [])
+    base = next((s["model"]["path"] for s in stages if _is_hub_id((s.get("model") or {}).get("path"))), None)
+    if base is None and report.get("lora") and _is_hub_id(report["lora"].get("base")):
+        base = report["lora"]["base"]
+    datasets = sorted({d for s in stages for d in s["data"] if _is_hub_id(d)})
+    name = repo_id.split("/")[-1]
+    results = eval_results(stage_dir, name)
+    remote = "auto_map" in config
+    tags = ["forge-toolkit", config.get("model_type", ""), report.get("source_model_type") or ""]
+    tags += [s["method"] for s in stages if s.get("method")] + (["gguf"] if gguf_files else [])
+    tags += ["lora"] if report.get("lora") else []
+    tags += ["custom_code"] if remote else []
+    data = ModelCardData(
+        base_model=base,
+        library_name="transformers",
+        license=license or "other",
+        datasets=datasets or None,
+        tags=list(dict.fromkeys(t for t in tags if t)),
+        pipeline_tag=PIPELINE_TAG,
+        model_name=name if results else None,
+        eval_results=results or None,
+    )
+    body = _card_body(repo_id, config, report, summary, results, gguf_files, remote, license)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def _card_body(
+    repo_id: str,
+    config: dict[str, Any],
+    report: dict[str, Any],
+    summary: dict[str, Any],
+    results: list[Any],
+    gguf_files: list[str],
+    remote: bool,
+    license: str | None,
+) -> str:
+    name = repo_id.split("/")[-1]
+    trust = ", trust_remote_code=True" if remote else ""
+    lines = [f"# {name}", ""]
+    arch = config.get("architectures", ["?"])[0]
+    lines.append(
+        f"A {config.get('num_hidden_layers')}-layer `{arch}` language model (hidden size {config.get('hidden_size')}, "
+        f"vocabulary {config.get('vocab_size')}, context {config.get('max_position_embeddings')}), trained with "
+        "forge-toolkit on the Hugging Face stack."
+    )
+    if report.get("form"):
+        lines.append(
+            f"Exported for serving as `{report['form']}` ({report.get('dtype')}); a fresh process without "
+            "forge-toolkit reproduced the source model's logits and greedy output (`export_report.json`)."
+        )
+    if not license:
+        lines.append("\nThe license was not set when this card was written (`license: other`).")
+    if summary:
+        lines += ["", "## Training", "", f"Recipe `{summary.get('name')}`, stage by stage:", ""]
+        lines += [
+            "| stage | method | data | steps | learning rate | final loss | time (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in summary["stages"]:
+            data = ", ".join(f"`{d}`" for d in s["data"]) or "-"
+            seconds = f"{s['seconds']:.0f}" if s["seconds"] else "-"
+            loss = f"{s['final_loss']:.3f}" if s["final_loss"] is not None else "-"
+            lines.append(
+                f"| {s['name']} | {s['method']}{' + LoRA' if s.get('peft') else ''} | {data} | "
+                f"{s['max_steps'] or '-'} | {s['learning_rate'] or '-'} | {loss} | {seconds} |"
+            )
+        env = summary.get("env") or {}
+        packages = ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items() if v)
+        lines += [
+            "",
+            f"Hardware: {env.get('device', '?')} ({env.get('cpu_count', '?')} CPU cores, "
+            f"{env.get('num_processes', 1)} process(es)); {packages}.",
+        ]
+    if results:
+        lines += ["", "## Evaluation", "", "| dataset | metric | value |", "|---|---|---|"]
+        lines += [f"| {r.dataset_name} | {r.metric_type} | {r.metric_value:.4g} |" for r in results]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "transformers:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{trust})',
+        'messages = [{"role": "user", "content": "Hello!"}]',
+        'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)',
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))",
+        "```",
+        "",
+        "vLLM (an OpenAI-compatible server):",
+        "",
+        "```bash",
+        f"vllm serve {repo_id}{' --trust-remote-code' if remote else ''}",
+        "```",
+    ]
+    if gguf_files:
+        quant = gguf_files[0].rsplit("-", 1)[-1].removesuffix(".gguf").upper()
+        lines += [
+            "",
+            f"llama.cpp ({', '.join(f'`{g}`' for g in gguf_files)}):",
+            "",
+            "```bash",
+            f"llama-cli -hf {repo_id}:{quant}",
+            "```",
+            "",
+            "Ollama:",
+            "",
+            "```bash",
+            f"ollama run hf.co/{repo_id}:{quant}",
+            "```",
+        ]
+    else:
+        lines += [
+            "",
+            "llama.cpp and Ollama: this repository has no GGUF file; `toolkit export gguf` (or `toolkit export "
+            "ollama`) writes one, verified in llama.cpp.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def plan_upload(src: str | Path, repo_id: str, license: str | None = None) -> list[UploadItem]:
+    """Every file the push uploads, the generated README.md included; refuses what would not load alone."""
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ExportError(f"--repo must be USER/NAME (or ORG/NAME), got '{repo_id}'")
+    folder = find_model_folder(src)
+    check_self_contained(folder)
+    items = [UploadItem(p.name, p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "README.md"]
+    run_dir, _ = find_run(folder, _export_report(folder))
+    extras = (
+        sorted(run_dir.glob("gguf/**/*.gguf")) + sorted(run_dir.glob("gguf/**/Modelfile")) if run_dir else []
+    )
+    taken = {item.path_in_repo for item in items}
+    for path in extras:
+        if path.name in taken:
+            raise ExportError(f"two files would be uploaded as {path.name} (one is {path}); keep one of them")
+        taken.add(path.name)
+        items.append(UploadItem(path.name, path))
+    license = license or _folder_license(folder)
+    card = build_model_card(folder, repo_id, [p.name for p in extras if p.suffix == ".gguf"], license)
+    items.append(UploadItem("README.md", None, str(card).encode("utf-8")))
+    return items
+
+
+def _folder_license(folder: Path) -> str | None:
+    from export.source import _license
+
+    return _license(folder)
+
+
+def format_listing(items: list[UploadItem]) -> str:
+    """The dry-run listing: one line per file with its size, then the total."""
+    width = max(len(item.path_in_repo) for item in items)
+    lines = [f"{item.path_in_repo:<{width}}  {item.size:>14,} B" for item in items]
+    lines.append(f"{len(items)} files, {sum(item.size for item in items):,} bytes")
+    return "\n".join(lines)
+
+
+def push(
+    src: str | Path, repo_id: str, *, private: bool = False, dry_run: bool = False, license: str | None = None
+) -> tuple[list[UploadItem], str | None]:
+    """Upload SRC's model folder, GGUF files and model card to `repo_id`; returns the items and the commit
+    URL (None for a dry run)."""
+    from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+    from huggingface_hub.errors import HfHubHTTPError
+
+    items = plan_upload(src, repo_id, license)
+    if dry_run:
+        return items, None
+    if get_token() is None:
+        raise ExportError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
+    api = HfApi()  # reads the token itself; it is never passed through our code or printed
+    operations = [
+        CommitOperationAdd(item.path_in_repo, item.content if item.content is not None else str(item.local))
+        for item in items
+    ]
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.create_commit(
+            repo_id, operations, commit_message="Upload model exported with forge-toolkit", repo_type="model"
+        )
+    except (HfHubHTTPError, OSError, ValueError) as error:
+        # Messages name the URL and the server's answer, never request headers.
+        raise ExportError(f"push of {repo_id} to {constants.ENDPOINT} failed: {error}") from error
+    return items, info.commit_url

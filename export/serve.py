@@ -1,0 +1,94 @@
+"""`toolkit serve SRC [--run]`: the `vllm serve` command line that matches an exported folder.
+
+SRC is a folder written by `toolkit export vllm` (or a run folder holding one in `vllm/`). The command carries
+what the folder implies: its dtype, its context length as `--max-model-len`, its chat template, the
+tensor-parallel size from the visible GPUs (the largest count that divides the attention heads), and
+`--trust-remote-code` for a remote-code folder. For a LoRA export it serves the base with the adapter
+(`--enable-lora --lora-modules NAME=adapter/`). `--run` replaces this process with that command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+from pathlib import Path
+
+from toolkit.errors import ExportError
+
+# `--max-lora-rank` takes one of these values; the adapter's rank is rounded up to the next.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def find_export(src: str | Path) -> Path:
+    """The exported folder SRC names: SRC itself, or SRC/vllm for a run folder."""
+    src = Path(src)
+    for folder in (src, src / "vllm"):
+        if (folder / "config.json").exists() or (folder / "adapter" / "adapter_config.json").exists():
+            return folder
+    raise ExportError(
+        f"{src} holds no vLLM export (config.json, or base/ + adapter/); run `toolkit export vllm {src}` first"
+    )
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use (CUDA_VISIBLE_DEVICES respected); 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def tensor_parallel_size(config: dict, gpus: int) -> int:
+    """The largest GPU count up to `gpus` that splits the attention and KV heads evenly (vLLM requires it)."""
+    heads = config.get("num_attention_heads", 1)
+    kv = config.get("num_key_value_heads") or heads
+    return max(
+        [n for n in range(1, max(gpus, 1) + 1) if heads % n == 0 and (kv % n == 0 or n % kv == 0)], default=1
+    )
+
+
+def serve_command(
+    src: str | Path, *, gpus: int | None = None, port: int | None = None, max_model_len: int | None = None
+) -> list[str]:
+    """The `vllm serve` argv for the export at SRC."""
+    folder = find_export(src).resolve()
+    lora = (folder / "adapter" / "adapter_config.json").exists()
+    model_dir = folder / "base" if lora else folder
+    if not (model_dir / "config.json").exists():
+        raise ExportError(f"{model_dir} has no config.json; the export looks incomplete, export it again")
+    config = json.loads((model_dir / "config.json").read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype") or "auto"
+    context = max_model_len or config.get("max_position_embeddings")
+    # A run's export is runs/<name>/vllm: the run's name is the one clients should see.
+    name = folder.parent.name if folder.name == "vllm" else folder.name
+    argv = ["vllm", "serve", str(model_dir), "--served-model-name", name, "--dtype", dtype]
+    if context:
+        argv += ["--max-model-len", str(context)]
+    if (model_dir / "chat_template.jinja").exists():
+        argv += ["--chat-template", str(model_dir / "chat_template.jinja")]
+    argv += [
+        "--tensor-parallel-size",
+        str(tensor_parallel_size(config, visible_gpus() if gpus is None else gpus)),
+    ]
+    if "auto_map" in config:
+        argv.append("--trust-remote-code")
+    if lora:
+        adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
+        argv += ["--enable-lora", "--lora-modules", f"adapter={folder / 'adapter'}"]
+        rank = next((r for r in VLLM_LORA_RANKS if r >= adapter.get("r", 8)), VLLM_LORA_RANKS[-1])
+        argv += ["--max-lora-rank", str(rank)]
+    if port:
+        argv += ["--port", str(port)]
+    return argv
+
+
+def run(argv: list[str]) -> None:
+    """Replace this process with `argv` (a `vllm serve` command)."""
+    if shutil.which(argv[0]) is None:
+        raise ExportError("vllm is not installed here: `pip install vllm` on a machine with a CUDA GPU")
+    os.execvp(argv[0], argv)
+
+
+def format_command(argv: list[str]) -> str:
+    return shlex.join(argv)

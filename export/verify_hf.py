@@ -1,0 +1,190 @@
+"""Verification of an exported HF folder in a fresh process in which forge-toolkit cannot be imported.
+
+The source model runs here (the toolkit registered); the exported folder runs in a child interpreter
+(`export/clean_load.py`, started with `python -I` and an import hook that blocks `toolkit`, `export`,
+`eval`) through the Auto classes: the native transformers class, or the folder's own modelling files with
+`trust_remote_code=True`. Compared:
+- tokenization of the prompts and the chat-template rendering of a conversation (token ids),
+- next-token logits at every position of every prompt, in float32: max |delta| <= 1e-5. A 16-bit export is
+  compared with the source rounded to that dtype (the rewrite must be exact); the rounding itself is
+  reported as `dtype_rounding_max_abs`, without a bound,
+- a greedy continuation of the conversation (identical tokens),
+- the class that loaded (the native architecture for a rewrite, a `transformers_modules` class for remote
+  code) and that the project was not importable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from export.verify import CONVERSATION, PROMPTS
+from toolkit.errors import ExportError
+
+GREEDY_TOKENS = 16
+MAX_ABS_LOGIT_DELTA = 1e-5
+CHILD = Path(__file__).with_name("clean_load.py")
+CHILD_TIMEOUT_S = 600
+
+
+def run_clean(folder: Path, *, remote_code: bool, adapter: Path | None = None) -> dict[str, Any]:
+    """What `folder` (plus `adapter`) computes in a fresh interpreter that cannot import forge-toolkit."""
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="clean-load-") as tmp:
+        request = {
+            "folder": str(folder),
+            "remote_code": remote_code,
+            "adapter": str(adapter) if adapter else None,
+            # An adapter folder that carries its own tokenizer (a LoRA run's final/ does) is read for it.
+            "tokenizer": str(adapter) if adapter and (adapter / "tokenizer.json").exists() else None,
+            "prompts": PROMPTS,
+            "conversation": CONVERSATION,
+            "greedy_tokens": GREEDY_TOKENS,
+            "out": str(Path(tmp) / "result.pt"),
+        }
+        (Path(tmp) / "request.json").write_text(json.dumps(request))
+        # A private module cache: remote code is copied there, never into the user's HF cache.
+        env = {**os.environ, "HF_MODULES_CACHE": str(Path(tmp) / "modules"), "HF_HUB_OFFLINE": "1"}
+        env.pop("PYTHONPATH", None)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-I", str(CHILD), str(Path(tmp) / "request.json")],
+                cwd=tmp,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=CHILD_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired as error:
+            raise ExportError(f"loading {folder} in a clean process took over {CHILD_TIMEOUT_S} s") from error
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise ExportError(f"{folder} does not load without forge-toolkit:\n{tail}")
+        return torch.load(request["out"], weights_only=True)
+
+
+def reference(
+    folder: Path, dtype: str, *, adapter: Path | None = None, tokenizer_folder: Path | None = None
+) -> dict[str, Any]:
+    """The same measurements on the source model in this process (the toolkit's architectures registered)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import toolkit  # noqa: F401  (registers the toolkit's architectures for the Auto classes)
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    rounding = 0.0
+    ids = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+    if dtype != "float32":
+        # The export holds weights rounded to `dtype`; the source is rounded the same way so that the
+        # comparison measures the rewrite, not the rounding (which is reported on its own).
+        with torch.no_grad():
+            before = [model(input_ids=torch.tensor([row])).logits[0] for row in ids]
+            for param in model.parameters():
+                param.copy_(param.to(getattr(torch, dtype)).float())
+            after = [model(input_ids=torch.tensor([row])).logits[0] for row in ids]
+        rounding = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    chat = tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    chat_ids = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor([row])).logits[0] for row in ids]
+        greedy = model.generate(
+            input_ids=torch.tensor([chat_ids]),
+            attention_mask=torch.ones(1, len(chat_ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=GREEDY_TOKENS,
+            min_new_tokens=GREEDY_TOKENS,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, len(chat_ids) :].tolist()
+    return {"ids": ids, "chat_ids": chat_ids, "logits": logits, "greedy": greedy, "rounding": rounding}
+
+
+def _check(measure: str, value: float, op: str, bound: float) -> dict[str, Any]:
+    ok = value <= bound if op == "<=" else value == bound
+    return {"measure": measure, "value": value, "bound": f"{op} {bound:g}", "ok": bool(ok)}
+
+
+def compare(source: dict[str, Any], exported: dict[str, Any], expected_class: str) -> dict[str, Any]:
+    """Checks of `exported` (from `run_clean`) against `source` (from `reference`), each with its bound;
+    `expected_class` is a regex the loaded class's dotted name must match."""
+    same_shapes = all(a.shape == b.shape for a, b in zip(source["logits"], exported["logits"], strict=True))
+    delta = (
+        max(float((a - b).abs().max()) for a, b in zip(source["logits"], exported["logits"], strict=True))
+        if same_shapes
+        else float("inf")
+    )
+    checks = [
+        _check("max_abs_logit_delta", delta, "<=", MAX_ABS_LOGIT_DELTA),
+        _check("greedy_identical", float(source["greedy"] == exported["greedy"]), "==", 1.0),
+        _check("tokenization_identical", float(source["ids"] == exported["ids"]), "==", 1.0),
+        _check("chat_template_identical", float(source["chat_ids"] == exported["chat_ids"]), "==", 1.0),
+        _check(
+            "expected_class_loaded",
+            float(bool(re.fullmatch(expected_class, exported["loaded_class"]))),
+            "==",
+            1.0,
+        ),
+        _check("loads_without_forge_toolkit", float(not exported["project_importable"]), "==", 1.0),
+    ]
+    return {
+        "loaded_class": exported["loaded_class"],
+        "expected_class": expected_class,
+        "greedy_tokens": GREEDY_TOKENS,
+        "measures": {c["measure"]: c["value"] for c in checks}
+        | {"dtype_rounding_max_abs": source["rounding"]},
+        "checks": checks,
+        "ok": all(c["ok"] for c in checks),
+    }
+
+
+def verify_folder(
+    folder: Path,
+    source_folder: Path,
+    *,
+    dtype: str,
+    remote_code: bool,
+    expected_class: str,
+    adapter: Path | None = None,
+    source_adapter: Path | None = None,
+) -> dict[str, Any]:
+    """Load `folder` (with `adapter`) in a clean process and compare it with `source_folder` (with
+    `source_adapter`); returns the report section (`ok` is False when a bound is missed)."""
+    source = reference(
+        source_folder,
+        dtype,
+        adapter=source_adapter,
+        tokenizer_folder=source_adapter
+        if source_adapter and (source_adapter / "tokenizer.json").exists()
+        else None,
+    )
+    exported = run_clean(folder, remote_code=remote_code, adapter=adapter)
+    return compare(source, exported, expected_class)
+
+
+def markdown_table(section: dict[str, Any], title: str) -> str:
+    """One verified folder's checks as a markdown table."""
+    lines = [
+        f"{title} (loaded as `{section['loaded_class']}`)",
+        "",
+        "| measure | value | bound | ok |",
+        "|---|---|---|---|",
+    ]
+    for check in section["checks"]:
+        lines.append(
+            f"| {check['measure']} | {check['value']:.3g} | {check['bound']} | {'yes' if check['ok'] else 'NO'} |"
+        )
+    lines.append(f"| dtype_rounding_max_abs | {section['measures']['dtype_rounding_max_abs']:.3g} | - | - |")
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""Helpers for the vLLM export and Hub push tests: a tiny run folder, and a local stand-in for the Hub.
+
+`make_run` writes what `toolkit train` leaves behind (recipe.yaml, env.json, a stage's metrics.jsonl, eval.json
+and final/ with a one-layer `decoder`, the toolkit's tokenizer and an end-of-turn generation config), in
+seconds and without training. `FakeHub` answers the few endpoints `huggingface_hub` calls for `create_repo`
+and `create_commit` on 127.0.0.1 and keeps what it received.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+RECIPE = {
+    "name": "tiny",
+    "stages": [
+        {"name": "tokenizer", "method": "tokenizer", "data": {"sources": ["corpus.txt"]}},
+        {
+            "name": "sft",
+            "method": "sft",
+            "model": {"path": "my-org/base-model"},
+            "data": {"sources": ["data/sft/train.jsonl", {"path": "my-org/chat-data", "weight": 2}]},
+            "train": {"max_steps": 3, "learning_rate": 1.0e-3},
+        },
+    ],
+}
+EVAL = {"tasks": {"accuracy": 0.25, "n": 8}, "perplexity": {"perplexity": 123.5, "nll": 4.8, "tokens": 99}}
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b",
+    "In 1969, 3 astronauts flew 384400 km to the Moon.",
+    "Les élèves étudient la physique; 東京は日本の首都です。",
+    "Readability counts. Errors should never pass silently.",
+] * 20
+
+
+def make_tokenizer(folder: Path) -> Any:
+    from toolkit.data.tokenizer import train_tokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    corpus = folder.parent / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+    return train_tokenizer([str(corpus)], vocab_size=320, out_dir=folder, min_frequency=1)
+
+
+def make_model(folder: Path, tokenizer: Any, seed: int = 0) -> Path:
+    """A one-layer `decoder` with `tokenizer`, saved to `folder` with an end-of-turn generation config."""
+    from eval.accuracy import end_of_turn_ids
+    from toolkit.models import DecoderForCausalLM, build_config
+
+    torch.manual_seed(seed)
+    config = build_config(
+        "decoder-tiny",
+        vocab_size=len(tokenizer),
+        num_hidden_layers=1,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = DecoderForCausalLM(config).eval()
+    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_run(root: Path) -> Path:
+    """runs/tiny with a finished `sft` stage (final/, metrics, eval) and a GGUF folder beside it."""
+    run = root / "tiny"
+    tokenizer = make_tokenizer(run / "tokenizer" / "final")
+    make_model(run / "sft" / "final", tokenizer)
+    (run / "recipe.yaml").write_text(yaml.safe_dump(RECIPE, sort_keys=False))
+    env = {"device": "cpu", "cpu_count": 2, "num_processes": 1, "packages": {"torch": torch.__version__}}
+    (run / "env.json").write_text(json.dumps(env))
+    metrics = [{"step": 1, "loss": 5.5}, {"step": 3, "loss": 4.25}, {"step": 3, "train_runtime": 1.5}]
+    (run / "sft" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (run / "sft" / "eval.json").write_text(json.dumps(EVAL))
+    # Stand-ins for what `toolkit export ollama` writes; the push only lists and uploads them.
+    (run / "gguf" / "final").mkdir(parents=True)
+    (run / "gguf" / "final" / "tiny-q8_0.gguf").write_bytes(b"GGUF" + bytes(60))
+    (run / "gguf" / "final" / "Modelfile").write_text("FROM ./tiny-q8_0.gguf\n")
+    return run
+
+
+class FakeHub:
+    """A minimal Hub on 127.0.0.1: repo creation, README metadata validation, pre-upload (every file
+    inline, so no LFS or Xet transfer) and commits."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []  # method, path, authorization, json body (when JSON)
+        self.repos: dict[str, dict[str, Any]] = {}
+        self.files: dict[str, dict[str, bytes]] = {}
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                hub.requests.append(
+                    {"method": "POST", "path": self.path, "authorization": self.headers.get("Authorization")}
+                )
+                status, answer = hub.answer(self.path, body)
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                hub.requests.append({"method": "GET", "path": self.path})
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def answer(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        parts = path.split("?")[0].strip("/").split("/")
+        if parts[:3] == ["api", "repos", "create"]:
+            request = json.loads(body)
+            repo = f"{request.get('organization') or 'user'}/{request['name']}"
+            self.repos[repo] = request  # name, organization, visibility or private
+            return 200, {"url": f"{self.url}/{repo}", "name": repo}
+        if parts[:2] == ["api", "validate-yaml"]:
+            # The real Hub checks the card's metadata; here it must at least parse as a model card.
+            from huggingface_hub import ModelCard
+
+            try:
+                ModelCard(json.loads(body)["content"], ignore_metadata_errors=False)
+            except Exception as error:
+                return 400, {"errors": [{"message": str(error)}]}
+            return 200, {"errors": [], "warnings": []}
+        if parts[:2] == ["api", "models"] and parts[4] == "preupload":
+            files = json.loads(body)["files"]
+            return 200, {
+                "files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+            }
+        if parts[:2] == ["api", "models"] and parts[4] == "commit":
+            repo = f"{parts[2]}/{parts[3]}"
+            received = self.files.setdefault(repo, {})
+            for line in body.decode().splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    received[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            return 200, {"commitUrl": f"{self.url}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40}
+        return 404, {"error": f"not faked: {path}"}
+
+    def __enter__(self) -> FakeHub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.shutdown()
+        self.server.server_close()
