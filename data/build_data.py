@@ -42,7 +42,16 @@ def _load_tasks():
 tasks = _load_tasks()
 
 # One seed per file, so growing one file never changes another.
-SEEDS = {"sft": 1, "preference": 2, "rl": 3, "alpaca": 4, "sharegpt": 5, "corpus_facts": 6, "facts": 7, "eval": 1000}
+SEEDS = {
+    "sft": 1,
+    "preference": 2,
+    "rl": 3,
+    "alpaca": 4,
+    "sharegpt": 5,
+    "corpus_facts": 6,
+    "facts": 7,
+    "eval": 1000,
+}
 SIZES = {"sft": 3000, "preference": 1500, "rl": 500, "alpaca": 20, "sharegpt": 25, "eval": 300}
 
 # package -> (version, sha256 of the .deb). Another version still builds, with a slightly different corpus.

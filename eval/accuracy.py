@@ -85,7 +85,9 @@ def answer_nll(
             width = max(map(len, sequences))
             pad = tokenizer.pad_token_id
             ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences], device=model.device)
-            attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=model.device)
+            attention = torch.tensor(
+                [[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=model.device
+            )
             target = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=model.device)
             logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
@@ -127,7 +129,10 @@ def task_accuracy(
 ) -> dict[str, Any]:
     """Overall and per-task accuracy on rows `{"task", "prompt", "answer"}`, with the first `samples` answers."""
     predictions = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
-    return {**score_answers(rows, predictions, samples), "answer_nll": answer_nll(model, tokenizer, rows, batch_size)}
+    return {
+        **score_answers(rows, predictions, samples),
+        "answer_nll": answer_nll(model, tokenizer, rows, batch_size),
+    }
 
 
 def score_answers(rows: list[dict[str, Any]], predictions: list[str], samples: int = 5) -> dict[str, Any]:

@@ -35,7 +35,9 @@ def test_answer_spans_cover_exactly_the_answer_and_end_of_turn(tokenizer):
 
 def test_answer_nll_matches_manual_log_softmax(tokenizer):
     torch.manual_seed(0)
-    model = DecoderForCausalLM(build_config("decoder-tiny", vocab_size=len(tokenizer), num_hidden_layers=1)).eval()
+    model = DecoderForCausalLM(
+        build_config("decoder-tiny", vocab_size=len(tokenizer), num_hidden_layers=1)
+    ).eval()
     sequences, masks = answer_spans(tokenizer, ROWS)
     total, count = 0.0, 0
     for ids, mask in zip(sequences, masks, strict=True):  # one row at a time: no padding involved

@@ -16,7 +16,9 @@ def test_perplexity_is_exp_of_transformers_loss(tmp_path):
     corpus.write_text("the cat sat on the mat and the dog sat on the log.\n" * 40)
     tokenizer = train_tokenizer([str(corpus)], vocab_size=280, out_dir=tmp_path / "tok")
     torch.manual_seed(0)
-    model = DecoderForCausalLM(build_config("decoder-tiny", vocab_size=len(tokenizer), num_hidden_layers=1)).eval()
+    model = DecoderForCausalLM(
+        build_config("decoder-tiny", vocab_size=len(tokenizer), num_hidden_layers=1)
+    ).eval()
     texts = ["the cat sat on the mat", "and the dog sat on the log"]
     stream = []
     for text in texts:
