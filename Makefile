@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	# All cores: a demo machine is otherwise idle (tests keep one thread per process).
-	OMP_NUM_THREADS=$$(nproc) $(VENV)/bin/toolkit train recipes/quickstart.yaml --overwrite
+	OMP_NUM_THREADS=$$(nproc --all) $(VENV)/bin/toolkit train recipes/quickstart.yaml --overwrite
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -51,7 +51,7 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
                 f"{measures['max_abs_logit_delta']:.3g}, chat template and tokenization identical: "
                 f"{bool(measures['chat_template_identical'] and measures['tokenization_identical'])}"
             )
-            lines.append(f"  run it: ollama create {r.name} -f {r.final / 'Modelfile'}")
+            lines.append(f"  run it: ollama create {run_dir.name} -f {r.final / 'Modelfile'}")
             lines.append("")
     lines.append("Artifacts:")
     for r in results:
