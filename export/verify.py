@@ -42,7 +42,7 @@ CONVERSATION = [
 ]
 GREEDY_TOKENS = 32
 
-# quant -> measure -> (comparison, bound). The issue's bounds for f32/f16/bf16/q8_0/q4_k_m; the other types'
+# quant -> measure -> (comparison, bound). The agreed bounds for f32/f16/bf16/q8_0/q4_k_m; the other types'
 # bounds sit between those of their neighbours in bits per weight.
 BOUNDS: dict[str, dict[str, tuple[str, float]]] = {
     "f32": {"max_abs_logit_delta": ("<=", 1e-3), "greedy_identical": ("==", 1.0)},

@@ -34,7 +34,7 @@ def test_decoder_numpy_types_match_transformers(decoder_dir, tmp_path, quant):
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32  # norms stay F32
     assert types["blk.0.ffn_down.weight"] == QUANTS[quant].matrix
     assert reader.fields["general.file_type"].contents() == int(QUANTS[quant].file_type)
-    if quant in ("f32", "q8_0"):  # the q8_0 figure for a trained model
+    if quant in ("f32", "q8_0"):  # the q8_0 figure expected of a trained model
         assert measures["top1_agreement"] >= (1.0 if quant == "f32" else 0.98)
 
 
