@@ -163,14 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export a model (GGUF, Ollama, ...)")
     export_commands = export.add_subparsers(dest="export", required=True)
-    try:
-        from export.cli import register
-    except ImportError:
-        pass
-    else:
-        register(export_commands)
+    from export.cli import register
     from export.cli_top import register_top_level
 
+    register(export_commands)
     register_top_level(commands)
     return parser
 
