@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,10 @@ DERIVED_CONFIG_KEYS = (
 # Copied modelling files may import these and the standard library: all are installed wherever transformers is.
 ALLOWED_IMPORTS = frozenset({"torch", "transformers", "huggingface_hub", "safetensors", "tokenizers"})
 PROBE_REPLY = "PROBE-REPLY-7319"  # assistant content whose following token is the end-of-turn token
+# Named layout changes a plan's `tensor_transforms` may ask for; the plan stays data, the code lives here.
+TENSOR_TRANSFORMS: dict[str, Callable[[Any], Any]] = {
+    "transpose": lambda tensor: tensor.t().contiguous(),  # nn.Linear's [out, in] <-> Conv1D's [in, out]
+}
 
 
 @dataclass
@@ -73,6 +78,7 @@ class Route:
     model_class: type
     target_model_type: str
     tensor_renames: tuple[tuple[str, str], ...] = ()
+    tensor_transforms: tuple[tuple[str, str], ...] = ()
     config_keys: dict[str, str] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # file name -> source text (imports rewritten)
     auto_map: dict[str, str] = field(default_factory=dict)
@@ -134,8 +140,19 @@ def choose_route(model_type: str, form: str = "auto") -> Route:
                 f"the plan of '{model_type}' names {plan.architecture}, which transformers "
                 f"{transformers.__version__} does not have"
             )
+        unknown = [name for _, name in plan.tensor_transforms if name not in TENSOR_TRANSFORMS]
+        if unknown:
+            raise ExportError(
+                f"the plan of '{model_type}' names tensor transform '{unknown[0]}'; "
+                f"known: {', '.join(TENSOR_TRANSFORMS)}"
+            )
         return Route(
-            "native", model_class, plan.model_type or "", plan.tensor_renames, dict(plan.config_keys)
+            "native",
+            model_class,
+            plan.model_type or "",
+            plan.tensor_renames,
+            plan.tensor_transforms,
+            dict(plan.config_keys),
         )
     return _remote_code_route(model_type, plan)
 
@@ -240,6 +257,14 @@ def rename(name: str, renames: tuple[tuple[str, str], ...]) -> str:
     return name
 
 
+def transform(name: str, tensor: Any, transforms: tuple[tuple[str, str], ...]) -> Any:
+    """`tensor` (already renamed to `name`) through every plan transform whose pattern matches `name`."""
+    for pattern, kind in transforms:
+        if re.search(pattern, name):
+            tensor = TENSOR_TRANSFORMS[kind](tensor)
+    return tensor
+
+
 def end_of_turn_ids(folder: Path, config: dict[str, Any]) -> list[int]:
     """Every token that ends a turn: the eos ids of the generation config, config and tokenizer, and the
     token the chat template writes right after an assistant message (found by rendering a probe)."""
@@ -298,8 +323,11 @@ def write_model_folder(
     state: dict[str, Any] = {}
     for file in sorted(folder.glob("*.safetensors")):
         for name, tensor in load_file(file).items():
-            state[rename(name, route.tensor_renames)] = (
-                tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
+            target_name = rename(name, route.tensor_renames)
+            state[target_name] = transform(
+                target_name,
+                tensor.to(torch_dtype) if tensor.is_floating_point() else tensor,
+                route.tensor_transforms,
             )
     model, info = route.model_class.from_pretrained(
         None, config=target, state_dict=state, dtype=torch_dtype, output_loading_info=True
@@ -397,6 +425,12 @@ def export_vllm(
                 f"{source.folder} has no tokenizer files; vLLM needs the tokenizer beside the weights"
             )
         lora = source.lora
+        if lora and route.tensor_transforms:
+            # A transposed base weight would need the adapter's own layout flag (PEFT's fan_in_fan_out) too.
+            raise ExportError(
+                f"architecture '{model_type}' changes tensor layouts on its way to "
+                f"{route.model_class.__name__}, which LoRA adapters cannot follow; merge the adapter first"
+            )
         base = Path(lora["base"]) if lora else None
         if base is not None and not (base / "config.json").exists():
             raise ExportError(f"the LoRA base {base} is not a local model folder; export needs its weights")

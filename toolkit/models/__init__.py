@@ -1,6 +1,7 @@
 """Model architectures. Importing this package registers each one with the transformers Auto classes."""
 
 from toolkit.models.decoder import DecoderConfig, DecoderForCausalLM, DecoderModel
+from toolkit.models.prometheus import PrometheusConfig, PrometheusForCausalLM, PrometheusModel
 from toolkit.models.registry import (
     ARCHITECTURES,
     PRESETS,
@@ -54,6 +55,35 @@ register_architecture(
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
             ),
             "TinyLlama-1.1B shape",
+        ),
+    ],
+)
+
+register_architecture(
+    Architecture(
+        name="prometheus",
+        config_class=PrometheusConfig,
+        base_model_class=PrometheusModel,
+        causal_lm_class=PrometheusForCausalLM,
+        description="GPT-2-style decoder: learned positions, pre-norm LayerNorm, GELU MLP, biased attention",
+    ),
+    [
+        Preset("prometheus-tiny", "prometheus", {}, "for tests and the CPU demo"),
+        # The project's published configuration: GPT-2 small's shape with a 512-token context (≈124M).
+        Preset(
+            "prometheus-125m",
+            "prometheus",
+            dict(
+                vocab_size=50257,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=512,
+                dropout=0.1,
+                attention_dropout=0.1,
+            ),
+            "GPT-2 small shape, 512 context",
         ),
     ],
 )

@@ -153,6 +153,9 @@ class VLLMPlan:
     # (regex, replacement) applied in order to every tensor name (full weights and LoRA adapters alike,
     # so patterns should not be anchored at the start); empty when the names are already native.
     tensor_renames: tuple[tuple[str, str], ...] = ()
+    # (regex, transform name) applied to the renamed tensor names, for layouts a rename cannot reach (GPT-2's
+    # `Conv1D` stores [in, out]); the names are keys of `export.vllm.TENSOR_TRANSFORMS`.
+    tensor_transforms: tuple[tuple[str, str], ...] = ()
     remote_code: bool = False
     blocker: str | None = None  # why neither route works, when that is the case
 

@@ -1,0 +1,120 @@
+"""`prometheus` exports: GGUF as llama.cpp's `gpt2` graph (f32 and q8_0, verified in llama.cpp against
+transformers) and the native vLLM folder, loaded by transformers' own GPT2LMHeadModel in a clean process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from export.gguf import export_gguf
+from export.vllm import export_vllm
+from tests.export.conftest import train_briefly
+
+# Runs in `python -I` with the project blocked: transformers' own class must load the folder by itself.
+NATIVE_CHECK = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("toolkit", "export", "eval"):
+                raise ModuleNotFoundError(name)
+
+    sys.meta_path.insert(0, Block())
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+    ids = json.loads(sys.argv[2])
+    with torch.no_grad():
+        torch.save(model(input_ids=torch.tensor([ids])).logits[0], sys.argv[3])
+    """
+)
+IDS = [5, 17, 42, 99, 3, 7, 250, 11]
+
+
+def save_prometheus(folder: Path, make_tokenizer, train: bool) -> Path:
+    """A two-layer prometheus with a GPT-2-style tokenizer. Untrained, its logits are flat (fine for f32
+    parity); `train` makes them peaked as a trained model's are, which makes the q8_0 agreement meaningful.
+    A trained model is not used for f32: llama.cpp's CPU GELU looks its input up in a float16 table, which
+    on peaked logits alone moves them by about 1.1e-3, past the 1e-3 f32 bound."""
+    from toolkit.models import build_config
+    from toolkit.models.prometheus import PrometheusForCausalLM
+
+    tokenizer = make_tokenizer("gpt-2", folder)
+    torch.manual_seed(0)
+    config = build_config(
+        "prometheus-tiny",
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = PrometheusForCausalLM(config)
+    with torch.no_grad():  # biases start at zero: random values make their mapping matter
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.02)
+    if train:
+        train_briefly(model, tokenizer)
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def untrained_dir(tmp_path_factory, make_tokenizer) -> Path:
+    return save_prometheus(tmp_path_factory.mktemp("prometheus"), make_tokenizer, train=False)
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, make_tokenizer) -> Path:
+    return save_prometheus(tmp_path_factory.mktemp("prometheus-trained"), make_tokenizer, train=True)
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_gguf_runs_as_gpt2_in_llama_cpp(request, tmp_path, quant):
+    folder = request.getfixturevalue("untrained_dir" if quant == "f32" else "trained_dir")
+    result = export_gguf(folder, quant, tmp_path / f"p-{quant}.gguf")
+    failed = [c for c in result.report["checks"] if not c["ok"]]
+    assert not failed, failed
+    reader = gguf.GGUFReader(result.path)
+    assert reader.fields["general.architecture"].contents() == "gpt2"
+    names = {t.name for t in reader.tensors}
+    assert {"position_embd.weight", "blk.1.attn_qkv.bias", "output_norm.bias"} <= names
+    assert "output.weight" not in names  # tied: llama.cpp reuses token_embd
+    assert result.report["measures"]["top1_agreement"] >= (1.0 if quant == "f32" else 0.98)
+
+
+def test_vllm_native_folder_loads_as_gpt2_in_clean_process(trained_dir, tmp_path):
+    result = export_vllm(trained_dir, tmp_path / "vllm")
+    assert result.ok, result.report["verification"]
+    config = json.loads((result.path / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
+    assert config["n_embd"] == 256 and config["n_inner"] == 1024 and config["n_positions"] == 256
+
+    out = tmp_path / "logits.pt"
+    subprocess.run(
+        [sys.executable, "-I", "-c", NATIVE_CHECK, str(result.path), json.dumps(IDS), str(out)],
+        check=True,
+        cwd=tmp_path,
+        capture_output=True,
+    )
+    source = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = source(input_ids=torch.tensor([IDS])).logits[0]
+    assert float((torch.load(out) - expected).abs().max()) <= 1e-5
+
+    section = result.report["verification"]["model"]
+    assert section["loaded_class"] == "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel"
+    assert section["measures"]["max_abs_logit_delta"] <= 1e-5
+    assert section["measures"]["greedy_identical"] == 1.0
