@@ -4,9 +4,6 @@ transformers) and the native vLLM folder, loaded by transformers' own GPT2LMHead
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import gguf
@@ -17,28 +14,9 @@ from transformers import AutoModelForCausalLM
 from export.gguf import export_gguf
 from export.vllm import export_vllm
 from tests.export.conftest import train_briefly
+from tests.export.vllm_helpers import NATIVE_IDS, native_logits
 
-# Runs in `python -I` with the project blocked: transformers' own class must load the folder by itself.
-NATIVE_CHECK = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("toolkit", "export", "eval"):
-                raise ModuleNotFoundError(name)
-
-    sys.meta_path.insert(0, Block())
-    import torch
-    from transformers import GPT2LMHeadModel
-
-    model = GPT2LMHeadModel.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-    ids = json.loads(sys.argv[2])
-    with torch.no_grad():
-        torch.save(model(input_ids=torch.tensor([ids])).logits[0], sys.argv[3])
-    """
-)
-IDS = [5, 17, 42, 99, 3, 7, 250, 11]
+IDS = NATIVE_IDS
 
 
 def save_prometheus(folder: Path, make_tokenizer, train: bool) -> Path:
@@ -102,17 +80,11 @@ def test_vllm_native_folder_loads_as_gpt2_in_clean_process(trained_dir, tmp_path
     assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
     assert config["n_embd"] == 256 and config["n_inner"] == 1024 and config["n_positions"] == 256
 
-    out = tmp_path / "logits.pt"
-    subprocess.run(
-        [sys.executable, "-I", "-c", NATIVE_CHECK, str(result.path), json.dumps(IDS), str(out)],
-        check=True,
-        cwd=tmp_path,
-        capture_output=True,
-    )
+    logits = native_logits("GPT2LMHeadModel", result.path, tmp_path)
     source = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = source(input_ids=torch.tensor([IDS])).logits[0]
-    assert float((torch.load(out) - expected).abs().max()) <= 1e-5
+    assert float((logits - expected).abs().max()) <= 1e-5
 
     section = result.report["verification"]["model"]
     assert section["loaded_class"] == "transformers.models.gpt2.modeling_gpt2.GPT2LMHeadModel"

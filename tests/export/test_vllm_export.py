@@ -6,9 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import shutil
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,31 +15,11 @@ from transformers import AutoModelForCausalLM
 
 from export.serve import serve_command, tensor_parallel_size
 from export.vllm import ALLOWED_IMPORTS, export_vllm, portable_sources
-from tests.export.vllm_helpers import make_run
+from tests.export.vllm_helpers import NATIVE_IDS, make_run, native_logits
 from toolkit.errors import ExportError
 from toolkit.models.plans import PLANS, ExportPlan, VLLMPlan
 
-# Runs in `python -I` with the project blocked: transformers' own class must load the folder by itself.
-NATIVE_CHECK = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("toolkit", "export", "eval"):
-                raise ModuleNotFoundError(name)
-
-    sys.meta_path.insert(0, Block())
-    import torch
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
-    ids = json.loads(sys.argv[2])
-    with torch.no_grad():
-        torch.save(model(input_ids=torch.tensor([ids])).logits[0], sys.argv[3])
-    """
-)
-IDS = [5, 17, 42, 99, 3, 7, 250, 11]
+IDS = NATIVE_IDS
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +50,8 @@ def test_native_rewrite_matches_in_llama_for_causal_lm(run, native, tmp_path):
     )
     assert (native / "chat_template.jinja").exists() and (native / "tokenizer.json").exists()
 
-    out = tmp_path / "logits.pt"
-    subprocess.run(
-        [sys.executable, "-I", "-c", NATIVE_CHECK, str(native), json.dumps(IDS), str(out)],
-        check=True,
-        cwd=tmp_path,
-        capture_output=True,
-    )
-    delta = float((torch.load(out) - _source_logits(run / "sft" / "final")).abs().max())
+    logits = native_logits("LlamaForCausalLM", native, tmp_path)
+    delta = float((logits - _source_logits(run / "sft" / "final")).abs().max())
     assert delta <= 1e-5
 
     report = json.loads((native / "export_report.json").read_text())

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -166,3 +168,44 @@ class FakeHub:
     def __exit__(self, *exc: Any) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+# Runs in `python -I` with the project blocked: transformers' own class must load the folder by itself.
+_NATIVE_CHECK = """
+import importlib.abc, json, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("toolkit", "export", "eval"):
+            raise ModuleNotFoundError(name)
+
+sys.meta_path.insert(0, Block())
+import torch
+import transformers
+
+model = getattr(transformers, sys.argv[1]).from_pretrained(sys.argv[2], dtype=torch.float32).eval()
+with torch.no_grad():
+    torch.save(model(input_ids=torch.tensor([json.loads(sys.argv[3])])).logits[0], sys.argv[4])
+"""
+NATIVE_IDS = [5, 17, 42, 99, 3, 7, 250, 11]
+
+
+def native_logits(class_name: str, folder: Path, workdir: Path) -> torch.Tensor:
+    """Logits for `NATIVE_IDS` from transformers' `class_name` loading `folder` in a clean process."""
+    out = workdir / "logits.pt"
+    subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            _NATIVE_CHECK,
+            class_name,
+            str(folder),
+            json.dumps(NATIVE_IDS),
+            str(out),
+        ],
+        check=True,
+        cwd=workdir,
+        capture_output=True,
+    )
+    return torch.load(out)
