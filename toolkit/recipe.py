@@ -238,7 +238,7 @@ def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str) -> Stag
         return stage
 
     stage.model = dict(_check_keys(raw.get("model"), MODEL_KEYS, f"{at}.model"))
-    trained = [s.name for s in earlier if METHODS[s.method].config_class]
+    trained = _training_stages(earlier)
     sources = [k for k in ("preset", "path", "from") if k in stage.model]
     if len(sources) > 1:
         raise RecipeError(f"{at}.model: give one of preset/path/from, not {' and '.join(sources)}")
@@ -276,13 +276,18 @@ def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str) -> Stag
     return stage
 
 
+def _training_stages(earlier: list[Stage]) -> list[str]:
+    """Names of the earlier stages that produce a model (what `model.from` may name)."""
+    return [s.name for s in earlier if METHODS[s.method].config_class]
+
+
 def _parse_export_stage(stage: Stage, raw: dict[str, Any], earlier: list[Stage], at: str) -> Stage:
     """An export stage takes the model of an earlier training stage (by default the last one)."""
     for key in ("data", "train", "peft", "tokenizer"):
         if raw.get(key):
             raise RecipeError(f"{at}.{key}: an export stage takes only 'model', 'export' and 'eval'")
     model = _check_keys(raw.get("model"), {"from"}, f"{at}.model")
-    trained = [s.name for s in earlier if METHODS[s.method].config_class]
+    trained = _training_stages(earlier)
     source = model.get("from") or (trained[-1] if trained else None)
     if source not in trained:
         raise RecipeError(
