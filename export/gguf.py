@@ -15,7 +15,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +74,7 @@ class TensorJob:
     rule: TensorRule
     qtype: Q = Q.F32
     fallback: str | None = None  # why it is not of the requested type
+    zero_filled: bool = False  # absent from the checkpoint: written as the rule's zeros
 
     @property
     def nbytes(self) -> int:
@@ -124,6 +125,10 @@ class Checkpoint:
                 checkpoint.tensors[name] = StoredTensor(file, tuple(info["shape"]), info["dtype"], start)
         return checkpoint
 
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Tensor name -> (shape, safetensors dtype): what `plan_tensors` maps."""
+        return {name: (stored.shape, stored.dtype) for name, stored in self.tensors.items()}
+
     def read_rows(self, name: str, first: int, count: int, handle: BinaryIO) -> np.ndarray:
         """Rows [first, first + count) of tensor `name` (all of a 1-D one) as float32."""
         stored = self.tensors[name]
@@ -137,8 +142,11 @@ class Checkpoint:
             values = raw.astype(np.float32, copy=False)
         return values.reshape((count, *stored.shape[1:]) if len(stored.shape) > 1 else stored.shape)
 
-    def blocks(self, job: TensorJob, config: Config, handle: BinaryIO) -> Iterator[np.ndarray]:
+    def blocks(self, job: TensorJob, config: Config, handle: BinaryIO | None) -> Iterator[np.ndarray]:
         """The tensor of `job` as float32 row blocks, transformed; a transform needs the whole tensor."""
+        if job.zero_filled:
+            yield np.zeros(job.shape, dtype=np.float32)
+            return
         rows = job.shape[0] if len(job.shape) > 1 else 1
         if job.rule.transform is not None or len(job.shape) == 1:
             data = self.read_rows(job.source, 0, rows, handle)
@@ -153,20 +161,27 @@ def _pattern(template: str) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>\d+)") + "$")
 
 
-def plan_tensors(checkpoint: Checkpoint, plan: GGUFPlan, config: Config) -> list[TensorJob]:
-    """Map every checkpoint tensor through `plan`; refuse, naming it, any tensor the plan cannot place."""
+def plan_tensors(
+    tensors: Mapping[str, tuple[tuple[int, ...], str]], plan: GGUFPlan, config: Config
+) -> list[TensorJob]:
+    """Map every tensor (name -> shape and safetensors dtype) through `plan`; refuse, naming it, any tensor
+    the plan cannot place.
+
+    The tensors are a checkpoint's (`Checkpoint.shapes`) or, before any training, those a model built on
+    the meta device would save (`export.check`): one function decides both.
+    """
     rules = [(_pattern(rule.source), rule) for rule in plan.tensors]
     ignored = [_pattern(p) for p in plan.ignored]
     jobs: list[TensorJob] = []
     unmapped: list[str] = []
-    for name, stored in checkpoint.tensors.items():
+    for name, (shape, dtype) in tensors.items():
         if any(p.match(name) for p in ignored):
             continue
         for pattern, rule in rules:
             if match := pattern.match(name):
                 bid = match.groupdict().get("bid")
                 target = rule.target.format(bid=bid) if bid is not None else rule.target
-                jobs.append(TensorJob(name, target, stored.shape, stored.dtype, rule))
+                jobs.append(TensorJob(name, target, shape, dtype, rule))
                 break
         else:
             unmapped.append(name)
@@ -183,8 +198,12 @@ def plan_tensors(checkpoint: Checkpoint, plan: GGUFPlan, config: Config) -> list
         blocks = range(config["num_hidden_layers"]) if "{bid}" in rule.source else [None]
         for bid in blocks:
             name = rule.source.format(bid=bid)
-            if name not in present:
+            if name in present:
+                continue
+            if rule.zeros is None:
                 raise ExportError(f"plan `{plan.arch}` needs tensor `{name}`, which the checkpoint lacks")
+            target = rule.target.format(bid=bid) if bid is not None else rule.target
+            jobs.append(TensorJob(name, target, rule.zeros(config), "F32", rule, zero_filled=True))
     return sorted(jobs, key=lambda j: _order(j.target))
 
 
@@ -209,6 +228,14 @@ def assign_types(jobs: list[TensorJob], spec: QuantSpec) -> None:
             job.fallback = f"rows of {job.shape[-1]} are not a multiple of {wanted.name}'s block of {block}"
         else:
             job.qtype = wanted
+
+
+def gguf_plan(model_type: str) -> GGUFPlan:
+    """The GGUF part of `model_type`'s export plan, or an error saying there is none."""
+    plan = get_plan(model_type).gguf
+    if plan is None:
+        raise ExportError(f"architecture '{model_type}' declares no GGUF export in its plan")
+    return plan
 
 
 def check_config(plan: GGUFPlan, config: Config) -> None:
@@ -279,7 +306,8 @@ def write_gguf(
             }
             for job in jobs:
                 writer.write_padding(fout, fout.tell())
-                handle = handles[checkpoint.tensors[job.source].file]
+                stored = checkpoint.tensors.get(job.source)
+                handle = handles[stored.file] if stored is not None else None
                 for block in checkpoint.blocks(job, config, handle):
                     gguf.quants.quantize(block, job.qtype).tofile(fout)
                 writer.write_padding(fout, job.nbytes)
@@ -339,21 +367,18 @@ def export_gguf(
         if out_path.exists() and not force:
             raise ExportError(f"{out_path} exists; pass --force to replace it")
         config = json.loads((source.folder / "config.json").read_text())
-        plan = get_plan(config.get("model_type", "?")).gguf
-        if plan is None:
-            raise ExportError(
-                f"architecture '{config.get('model_type')}' declares no GGUF export in its plan"
-            )
+        plan = gguf_plan(config.get("model_type", "?"))
         check_config(plan, config)
         vocab = read_vocab(source.folder, config["vocab_size"])
         checkpoint = Checkpoint.scan(source.folder)
-        jobs = plan_tensors(checkpoint, plan, config)
+        jobs = plan_tensors(checkpoint.shapes(), plan, config)
 
         out_path.parent.mkdir(parents=True, exist_ok=True)
         if spec.llama_cpp:
             from export.llama_cpp import quantize_with_llama_cpp
 
-            widest = max((job.source_dtype for job in jobs), key=lambda d: {"F32": 2, "F16": 1}.get(d, 0))
+            read = [job.source_dtype for job in jobs if not job.zero_filled]
+            widest = max(read, key=lambda d: {"F32": 2, "F16": 1}.get(d, 0))
             base = QUANTS[INTERMEDIATE.get(widest, "f32")]
             assign_types(jobs, base)
             intermediate = out_path.with_name(f".{out_path.name}.{os.getpid()}.source.gguf")
@@ -378,6 +403,7 @@ def export_gguf(
                 export_seconds=result.seconds,
                 tensor_types=tensor_types,
                 fallbacks=fallbacks,
+                zero_filled=[job.target for job in jobs if job.zero_filled],
                 lora=source.lora,
             )
             from export.report import write_report

@@ -35,6 +35,7 @@ from export.source import Source, resolve_source
 from toolkit.errors import ExportError
 from toolkit.io import atomic_path, write_json
 from toolkit.models.plans import VLLMPlan, get_plan
+from toolkit.models.registry import ARCHITECTURES, Architecture
 
 FORMS = ("auto", "native", "remote-code")
 # What vLLM's `--dtype` accepts for weights; "auto" keeps the source's when it is one of these.
@@ -79,7 +80,7 @@ class Route:
     target_model_type: str
     tensor_renames: tuple[tuple[str, str], ...] = ()
     tensor_transforms: tuple[tuple[str, str], ...] = ()
-    config_keys: dict[str, str] = field(default_factory=dict)
+    config_keys: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # file name -> source text (imports rewritten)
     auto_map: dict[str, str] = field(default_factory=dict)
 
@@ -158,24 +159,41 @@ def choose_route(model_type: str, form: str = "auto") -> Route:
 
 
 def _remote_code_route(model_type: str, plan: VLLMPlan) -> Route:
-    from toolkit.models import ARCHITECTURES
+    arch = remote_code_architecture(model_type, plan)
+    require_attention_backend(model_type, plan, arch.causal_lm_class)
+    files, auto_map = remote_code_files(arch)
+    return Route("remote-code", arch.causal_lm_class, model_type, files=files, auto_map=auto_map)
 
+
+def remote_code_architecture(model_type: str, plan: VLLMPlan) -> Architecture:
+    """The toolkit architecture whose modelling files a remote-code folder carries, or why there is none."""
     if not plan.remote_code:
-        raise _refusal(model_type, plan, "its plan declares neither a native architecture nor remote code")
+        why = "its plan does not declare remote code (VLLMPlan.remote_code)"
+        if not plan.architecture:
+            why = "its plan declares neither a native architecture nor remote code"
+        raise _refusal(model_type, plan, why)
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
         raise ExportError(
             f"'{model_type}' is not one of the toolkit's architectures, so it has no modelling files to copy; "
             "export it with --form native"
         )
-    # vLLM's Transformers backend serves only models that route attention through ALL_ATTENTION_FUNCTIONS.
-    if not getattr(arch.causal_lm_class, "_supports_attention_backend", False):
+    return arch
+
+
+def require_attention_backend(model_type: str, plan: VLLMPlan, model_class: type) -> None:
+    """vLLM's Transformers backend serves only models that route attention through ALL_ATTENTION_FUNCTIONS."""
+    if not getattr(model_class, "_supports_attention_backend", False):
         raise _refusal(
             model_type,
             plan,
-            f"{arch.causal_lm_class.__name__} does not declare `_supports_attention_backend = True` "
+            f"{model_class.__name__} does not declare `_supports_attention_backend = True` "
             "(attention through transformers' attention interface), which vLLM's Transformers backend needs",
         )
+
+
+def remote_code_files(arch: Architecture) -> tuple[dict[str, str], dict[str, str]]:
+    """The modelling files a remote-code folder carries (name -> source text) and its `auto_map`."""
     classes = {
         "AutoConfig": arch.config_class,
         "AutoModel": arch.base_model_class,
@@ -186,7 +204,7 @@ def _remote_code_route(model_type: str, plan: VLLMPlan) -> Route:
     auto_map = {
         auto: f"{Path(inspect.getsourcefile(cls)).stem}.{cls.__name__}" for auto, cls in classes.items()
     }
-    return Route("remote-code", arch.causal_lm_class, model_type, files=files, auto_map=auto_map)
+    return files, auto_map
 
 
 def portable_sources(paths: list[str | None], package: str) -> dict[str, str]:
@@ -293,10 +311,15 @@ def end_of_turn_ids(folder: Path, config: dict[str, Any]) -> list[int]:
     return sorted(ids)
 
 
-def _target_config(route: Route, config: dict[str, Any], eos: list[int]) -> Any:
+def target_config(route: Route, config: dict[str, Any], eos: list[int]) -> Any:
+    """The target's config: `config` (a config.json) with keys renamed per plan and serving defaults."""
     from transformers import AutoConfig
 
-    values = {route.config_keys.get(k, k): v for k, v in config.items() if k not in DERIVED_CONFIG_KEYS}
+    values: dict[str, Any] = {}
+    for key, value in config.items():
+        if key not in DERIVED_CONFIG_KEYS:
+            targets = route.config_keys.get(key, key)
+            values.update(dict.fromkeys((targets,) if isinstance(targets, str) else targets, value))
     values["eos_token_id"] = eos if len(eos) > 1 else (eos[0] if eos else None)
     values["use_cache"] = True  # training runs save use_cache=False; serving wants the KV cache
     if route.form == "native":
@@ -318,7 +341,7 @@ def write_model_folder(
 
     config = json.loads((folder / "config.json").read_text())
     eos = end_of_turn_ids(tokenizer_from or folder, config)
-    target = _target_config(route, config, eos)
+    target = target_config(route, config, eos)
     torch_dtype = getattr(torch, dtype)
     state: dict[str, Any] = {}
     for file in sorted(folder.glob("*.safetensors")):

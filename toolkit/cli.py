@@ -53,9 +53,16 @@ def cmd_arch_info(args: argparse.Namespace) -> int:
     config = build_config(args.preset)
     estimate = memory_estimate(config)
     if args.json:
-        print(json.dumps({"preset": preset.name, "arch": preset.arch, **estimate}, indent=2))
+        print(
+            json.dumps(
+                {"preset": preset.name, "arch": preset.arch, "quoted": preset.quoted, **estimate}, indent=2
+            )
+        )
         return 0
     print(f"{preset.name}: {preset.arch}, {estimate['parameters']:,} parameters ({preset.description})")
+    if preset.quoted:
+        n = estimate["parameters"]
+        print(f"  counted here: {n / 1e9:.2f}B, {4 * n / 1e9:.1f} GB fp32; {preset.quoted}")
     shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     print("  " + ", ".join(f"{k}={getattr(config, k)}" for k in shape if hasattr(config, k)))
     print(f"\nInference (weights + KV cache for one sequence of {estimate['context']} tokens):")
@@ -68,6 +75,15 @@ def cmd_arch_info(args: argparse.Namespace) -> int:
             f"optimizer {_gib(parts['optimizer']):>11}  total {_gib(parts['total']):>11}"
         )
     return 0
+
+
+def cmd_arch_check(args: argparse.Namespace) -> int:
+    """Exit 0 when every export target is reachable, 1 when one is blocked (2: unknown name)."""
+    from export.check import check, format_check
+
+    result = check(args.name)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_check(result))
+    return 0 if result.ok else 1
 
 
 def cmd_data_tokenizer(args: argparse.Namespace) -> int:
@@ -136,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("preset")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_arch_info)
+    arch_check = arch.add_parser(
+        "check",
+        help="which exports (GGUF, vLLM native, vLLM Transformers backend, Hub remote code) an architecture "
+        "reaches, and what blocks the others; exit 1 when one is blocked",
+    )
+    arch_check.add_argument(
+        "name", help="architecture (decoder), preset (prometheus-125m) or HF model folder"
+    )
+    arch_check.add_argument("--json", action="store_true")
+    arch_check.set_defaults(func=cmd_arch_check)
 
     data = commands.add_parser("data", help="datasets and tokenizers").add_subparsers(
         dest="data", required=True

@@ -1,5 +1,6 @@
 """Model architectures. Importing this package registers each one with the transformers Auto classes."""
 
+from toolkit.models.codette import CodetteConfig, CodetteForCausalLM, CodetteModel
 from toolkit.models.decoder import DecoderConfig, DecoderForCausalLM, DecoderModel
 from toolkit.models.prometheus import PrometheusConfig, PrometheusForCausalLM, PrometheusModel
 from toolkit.models.registry import (
@@ -84,6 +85,69 @@ register_architecture(
                 attention_dropout=0.1,
             ),
             "GPT-2 small shape, 512 context",
+        ),
+    ],
+)
+
+register_architecture(
+    Architecture(
+        name="codette",
+        config_class=CodetteConfig,
+        base_model_class=CodetteModel,
+        causal_lm_class=CodetteForCausalLM,
+        description="RoPE decoder: pre-norm LayerNorm, biased multi-head attention, 4x GELU MLP, tied embeddings",
+    ),
+    [
+        Preset("codette-tiny", "codette", {}, "for tests and the CPU demo"),
+        # The project's published configurations: 32768 vocabulary, 2048 context, dropout 0.1. Its size labels
+        # do not match these shapes; `quoted` keeps its figures beside the count computed here.
+        Preset(
+            "codette-small",
+            "codette",
+            dict(
+                vocab_size=32768,
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=18,
+                num_attention_heads=16,
+                max_position_embeddings=2048,
+                dropout=0.1,
+                attention_dropout=0.1,
+            ),
+            "published 'small' shape",
+            quoted="project: 1.3B, 5.2 GB fp32",
+        ),
+        Preset(
+            "codette-medium",
+            "codette",
+            dict(
+                vocab_size=32768,
+                hidden_size=2048,
+                intermediate_size=8192,
+                num_hidden_layers=24,
+                num_attention_heads=32,
+                max_position_embeddings=2048,
+                dropout=0.1,
+                attention_dropout=0.1,
+            ),
+            "published 'medium' shape",
+            quoted="project: 2.7B, 10.8 GB fp32",
+        ),
+        Preset(
+            "codette-large",
+            "codette",
+            dict(
+                vocab_size=32768,
+                hidden_size=3072,
+                intermediate_size=12288,
+                num_hidden_layers=32,
+                num_attention_heads=48,
+                max_position_embeddings=2048,
+                dropout=0.1,
+                attention_dropout=0.1,
+            ),
+            "published 'large' shape",
+            quoted="project: 5.3B, 21.2 GB fp32",
         ),
     ],
 )

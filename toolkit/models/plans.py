@@ -42,12 +42,12 @@ def kv_heads(config: Config) -> int:
     return config.get("num_key_value_heads") or config["num_attention_heads"]
 
 
-def _rope_theta(config: Config) -> float:
+def rope_theta(config: Config) -> float:
     # transformers 5 nests it in `rope_parameters`; configs written by older versions keep `rope_theta`.
     return float(config_value(config, "rope_parameters.rope_theta") or config.get("rope_theta") or 10000.0)
 
 
-def _rope_type(config: Config) -> str:
+def rope_type(config: Config) -> str:
     return (
         config_value(config, "rope_parameters.rope_type")
         or config_value(config, "rope_scaling.rope_type")
@@ -108,6 +108,9 @@ class TensorRule:
     transform: Transform | None = None
     # Optional tensors may be absent (a tied lm_head); required ones must exist for every block.
     optional: bool = False
+    # For a tensor the target graph requires but the model may lack (the biases of a bias-free model): the
+    # shape of the float32 zeros written in its place when the checkpoint has no `source`.
+    zeros: Callable[[Config], tuple[int, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,9 @@ class VLLMPlan:
 
     architecture: str | None = None  # e.g. "LlamaForCausalLM": a class name in `transformers`
     model_type: str | None = None  # that class's config model_type, e.g. "llama"
-    # Source config key -> native key; keys not listed keep their name.
-    config_keys: dict[str, str] = field(default_factory=dict)
+    # Source config key -> native key, or several native keys when one value feeds several (one dropout
+    # rate -> Starcoder2's residual and embedding dropouts); keys not listed keep their name.
+    config_keys: dict[str, str | tuple[str, ...]] = field(default_factory=dict)
     # (regex, replacement) applied in order to every tensor name (full weights and LoRA adapters alike,
     # so patterns should not be anchored at the start); empty when the names are already native.
     tensor_renames: tuple[tuple[str, str], ...] = ()
@@ -198,12 +202,12 @@ LLAMA_HPARAMS: tuple[HParam, ...] = (
     HParam("{arch}.attention.key_length", head_dim),
     HParam("{arch}.attention.value_length", head_dim),
     HParam("{arch}.rope.dimension_count", head_dim),
-    HParam("{arch}.rope.freq_base", _rope_theta, "float32"),
+    HParam("{arch}.rope.freq_base", rope_theta, "float32"),
     HParam("{arch}.attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
 )
 
 LLAMA_CHECKS: tuple[ConfigCheck, ...] = (
-    ConfigCheck(_rope_type, ("default",), "RoPE scaling (rope_parameters.rope_type)"),
+    ConfigCheck(rope_type, ("default",), "RoPE scaling (rope_parameters.rope_type)"),
     ConfigCheck("hidden_act", ("silu",), "activation (hidden_act)"),
     ConfigCheck("mlp_bias", (None, False), "MLP biases (mlp_bias)"),
 )

@@ -36,6 +36,8 @@ class Preset:
     arch: str
     config: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    # A size its authors published, kept verbatim when it disagrees with the count computed from the shape.
+    quoted: str | None = None
 
 
 ARCHITECTURES: dict[str, Architecture] = {}

@@ -1,0 +1,209 @@
+"""`codette` exports: GGUF as llama.cpp's `starcoder2` graph (f32 with and without biases, q8_0; verified in
+llama.cpp against transformers), the refusal of erf GELU, and the vLLM folders: native, loaded by
+transformers' own Starcoder2ForCausalLM in a clean process, and remote code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from export.gguf import export_gguf
+from export.vllm import export_vllm
+from tests.export.conftest import train_briefly
+from tests.export.vllm_helpers import NATIVE_IDS, native_logits
+from toolkit.errors import ExportError
+
+IDS = NATIVE_IDS
+
+
+def save_codette(folder: Path, make_tokenizer, train: bool, **overrides) -> Path:
+    """A two-layer codette with a GPT-2-style tokenizer. Untrained, its logits are flat (fine for f32
+    parity); `train` makes them peaked as a trained model's are, which makes the q8_0 agreement meaningful.
+    f32 is checked untrained for the reason the prometheus test gives: llama.cpp's CPU GELU looks its
+    input up in a float16 table, which moves peaked logits past the 1e-3 f32 bound."""
+    from toolkit.models import build_config
+    from toolkit.models.codette import CodetteForCausalLM
+
+    tokenizer = make_tokenizer("gpt-2", folder)
+    torch.manual_seed(0)
+    config = build_config(
+        "codette-tiny",
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+    model = CodetteForCausalLM(config)
+    with torch.no_grad():  # biases start at zero: random values make their mapping matter
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0.0, 0.02)
+    if train:
+        train_briefly(model, tokenizer)
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def untrained_dir(tmp_path_factory, make_tokenizer) -> Path:
+    return save_codette(tmp_path_factory.mktemp("codette"), make_tokenizer, train=False)
+
+
+@pytest.fixture(scope="module")
+def bias_free_dir(tmp_path_factory, make_tokenizer) -> Path:
+    return save_codette(tmp_path_factory.mktemp("codette-bias-free"), make_tokenizer, train=False, bias=False)
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, make_tokenizer) -> Path:
+    # Distinct dropout rates, so that the vLLM test can tell which Starcoder2 key each one reached.
+    return save_codette(
+        tmp_path_factory.mktemp("codette-trained"),
+        make_tokenizer,
+        train=True,
+        dropout=0.1,
+        attention_dropout=0.05,
+    )
+
+
+BIASES_LLAMA_CPP_REQUIRES = ("attn_output.bias", "ffn_up.bias", "ffn_down.bias")
+
+
+@pytest.mark.parametrize(
+    ("fixture", "quant"),
+    [("untrained_dir", "f32"), ("bias_free_dir", "f32"), ("trained_dir", "q8_0")],
+    ids=["f32", "f32-bias-free", "q8_0"],
+)
+def test_gguf_runs_as_starcoder2_in_llama_cpp(request, tmp_path, fixture, quant):
+    folder = request.getfixturevalue(fixture)
+    result = export_gguf(folder, quant, tmp_path / f"c-{quant}.gguf")
+    failed = [c for c in result.report["checks"] if not c["ok"]]
+    assert not failed, failed
+    reader = gguf.GGUFReader(result.path)
+    assert reader.fields["general.architecture"].contents() == "starcoder2"
+    assert reader.fields["starcoder2.attention.layer_norm_epsilon"].contents() == pytest.approx(1e-12)
+    assert reader.fields["starcoder2.rope.dimension_count"].contents() == 64
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied: llama.cpp reuses token_embd
+    assert {"blk.1.attn_norm.bias", "output_norm.bias"} <= set(tensors)
+    zero_filled = [f"blk.{i}.{name}" for i in range(2) for name in BIASES_LLAMA_CPP_REQUIRES]
+    if fixture == "bias_free_dir":
+        # The loader requires these three biases; zeros compute exactly what no bias does.
+        assert sorted(result.report["zero_filled"]) == sorted(zero_filled)
+        assert all(not np.any(tensors[name].data) for name in zero_filled)
+        assert tensors["blk.0.ffn_up.bias"].data.shape == (1024,)
+        assert "blk.0.attn_q.bias" not in tensors  # optional in llama.cpp: left out
+    else:
+        assert result.report["zero_filled"] == []
+        assert all(np.any(tensors[name].data) for name in zero_filled)
+        assert "blk.0.attn_q.bias" in tensors
+    measures = result.report["measures"]
+    assert measures["top1_agreement"] >= (1.0 if quant == "f32" else 0.98)
+    if quant == "f32":
+        assert measures["max_abs_logit_delta"] <= 1e-3
+
+
+class Float16GeluTable(torch.nn.Module):
+    """What llama.cpp's CPU `ggml_gelu` computes: the tanh GELU of the input rounded to float16, looked up
+    in a float16 table."""
+
+    def __init__(self, act: torch.nn.Module) -> None:
+        super().__init__()
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x.half().float()).half().float()
+
+
+def test_gguf_f32_differs_only_by_llama_cpps_gelu_table(trained_dir, tmp_path):
+    """The 1e-3 f32 bound is loose enough to hide a wrong GELU variant or epsilon; with llama.cpp's float16
+    GELU table emulated on the transformers side, the two agree an order of magnitude more closely."""
+    from transformers import AutoTokenizer
+
+    from export.llama_cpp import load_for_verification, quiet
+
+    path = export_gguf(trained_dir, "f32", tmp_path / "c.gguf", verify=False).path
+    tokenizer = AutoTokenizer.from_pretrained(trained_dir)
+    ids = tokenizer("def add(a, b):\n    return a + b\nIn 1969, 3 astronauts flew 384400 km.")["input_ids"]
+    llm = load_for_verification(path, n_ctx=128)
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    with quiet():
+        llm.close()
+    model = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        exact = model(input_ids=torch.tensor([ids])).logits[0]
+        for layer in model.model.layers:
+            layer.mlp.act = Float16GeluTable(layer.mlp.act)
+        emulated = model(input_ids=torch.tensor([ids])).logits[0]
+    assert float((exact - theirs).abs().max()) > 2e-4  # the table's effect on a trained model (~1e-3)
+    assert float((emulated - theirs).abs().max()) <= 1e-4
+
+
+def test_gguf_refuses_erf_gelu_before_writing(untrained_dir, tmp_path):
+    folder = tmp_path / "erf"
+    shutil.copytree(untrained_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_act"] = "gelu"
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out" / "c.gguf"
+    with pytest.raises(ExportError, match=r"activation \(hidden_act\) = 'gelu' .* `starcoder2` graph"):
+        export_gguf(folder, "f32", out)
+    assert not out.parent.exists()
+
+
+def source_logits(folder: Path) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([IDS])).logits[0]
+
+
+@pytest.mark.parametrize("fixture", ["trained_dir", "bias_free_dir"])
+def test_vllm_native_folder_loads_as_starcoder2_in_clean_process(request, tmp_path, fixture):
+    folder = request.getfixturevalue(fixture)
+    result = export_vllm(folder, tmp_path / "vllm")
+    assert result.ok, result.report["verification"]
+    config = json.loads((result.path / "config.json").read_text())
+    assert config["model_type"] == "starcoder2" and config["architectures"] == ["Starcoder2ForCausalLM"]
+    assert config["norm_epsilon"] == 1e-12 and config["num_key_value_heads"] == 4
+    assert config["use_bias"] is (fixture == "trained_dir")
+    assert config["tie_word_embeddings"] is True and config["hidden_act"] == "gelu_pytorch_tanh"
+    if fixture == "trained_dir":
+        assert config["residual_dropout"] == config["embedding_dropout"] == 0.1
+        assert config["attention_dropout"] == 0.05
+    assert not {"layer_norm_eps", "bias", "dropout"} & set(config)
+
+    logits = native_logits("Starcoder2ForCausalLM", result.path, tmp_path)
+    delta = float((logits - source_logits(folder)).abs().max())
+    assert delta <= 1e-5
+
+    section = result.report["verification"]["model"]
+    assert (
+        section["loaded_class"] == "transformers.models.starcoder2.modeling_starcoder2.Starcoder2ForCausalLM"
+    )
+    assert section["measures"]["max_abs_logit_delta"] <= 1e-5
+    assert section["measures"]["greedy_identical"] == 1.0
+
+
+@pytest.mark.slow
+def test_vllm_remote_code_folder_loads_without_forge_toolkit(trained_dir, tmp_path):
+    result = export_vllm(trained_dir, tmp_path / "remote", form="remote-code")
+    assert result.ok, result.report["verification"]
+    config = json.loads((result.path / "config.json").read_text())
+    assert config["model_type"] == "codette"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_codette.CodetteForCausalLM"
+    assert {"configuration_codette.py", "modeling_codette.py"} <= {p.name for p in result.path.iterdir()}
+    section = result.report["verification"]["model"]
+    assert section["loaded_class"].startswith("transformers_modules.")
+    assert section["measures"]["max_abs_logit_delta"] <= 1e-5
+    assert section["measures"]["loads_without_forge_toolkit"] == 1.0
