@@ -50,6 +50,8 @@ SEEDS = {
     "sharegpt": 5,
     "corpus_facts": 6,
     "facts": 7,
+    "tools": 8,
+    "perspectives": 9,
     "eval": 1000,
 }
 SIZES = {"sft": 3000, "preference": 1500, "rl": 500, "alpaca": 20, "sharegpt": 25, "eval": 300}
@@ -72,6 +74,9 @@ VALID_EVERY = 20  # one document in 20 goes to valid.jsonl
 # corpus/facts.jsonl: statements only, for recipes that weight the task domain up in pretraining (a small model
 # learns to copy digits and words from its context much sooner on this than on prose).
 FACTS_BUDGET = 800_000  # characters
+# corpus/tools.jsonl and corpus/perspectives.jsonl: task problems written with the markup tokens a recipe adds
+# to its tokenizer (`<tool>`, `<perspective>`; see recipes/codette-pretrain.yaml), one source each in a mixture.
+MARKUP_BUDGET = 300_000  # characters per file
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -194,6 +199,48 @@ def fact_documents(rows: list[dict], budget: int, seed: int = SEEDS["corpus_fact
         if not sentences:
             raise SystemExit(f"not enough {name} statements for a corpus share of {FACT_SHARE}")
         documents.append(" ".join(sentences))
+        size += len(documents[-1])
+    return documents
+
+
+# --- corpus: markup documents --------------------------------------------------------------------------
+
+
+def tool_documents(seed: int = SEEDS["tools"], budget: int = MARKUP_BUDGET) -> list[str]:
+    """Requests followed by the call that answers them, inside `<tool>...</tool>`, 4 to 12 per document."""
+    rng = random.Random(seed)
+    rows = iter(tasks.make_examples(4000, seed, tasks=["tool_call"]))
+    documents, size = [], 0
+    while size < budget:
+        calls = [
+            f"{r['prompt']} <tool>{r['answer']}</tool>" for r in itertools.islice(rows, rng.randint(4, 12))
+        ]
+        if not calls:
+            raise SystemExit("not enough tool_call problems for corpus/tools.jsonl")
+        documents.append("\n".join(calls))
+        size += len(documents[-1])
+    return documents
+
+
+def perspective_documents(seed: int = SEEDS["perspectives"], budget: int = MARKUP_BUDGET) -> list[str]:
+    """Each problem seen twice: stated as a fact, then asked and answered, each part opened by a
+    `<perspective>` tag; 3 to 8 problems of one family per document."""
+    rng = random.Random(seed)
+    names = [name for name in tasks.TASKS if name != "tool_call"]
+    queues = {
+        name: iter(tasks.make_examples(900, seed * 100 + i, tasks=[name])) for i, name in enumerate(names)
+    }
+    documents, size = [], 0
+    while size < budget:
+        name = rng.choice(names)
+        parts = [
+            f"<perspective>fact</perspective> {tasks.statement(r, rng)} "
+            f"<perspective>question</perspective> {r['prompt']} {r['answer']}"
+            for r in itertools.islice(queues[name], rng.randint(3, 8))
+        ]
+        if not parts:
+            raise SystemExit(f"not enough {name} problems for corpus/perspectives.jsonl")
+        documents.append("\n".join(parts))
         size += len(documents[-1])
     return documents
 
@@ -404,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     facts = build_task_files()
     documents = fact_documents(corpus_fact_rows(SEEDS["facts"]), FACTS_BUDGET, SEEDS["facts"])
     write_jsonl(DATA / "corpus" / "facts.jsonl", [{"text": d} for d in documents])
+    write_jsonl(DATA / "corpus" / "tools.jsonl", [{"text": d} for d in tool_documents()])
+    write_jsonl(DATA / "corpus" / "perspectives.jsonl", [{"text": d} for d in perspective_documents()])
     if args.debs:
         build_corpus(args.debs, facts)
     else:

@@ -281,3 +281,25 @@ def test_corpus_is_a_few_megabytes_of_documents_without_heldout_facts(shipped):
 
 def test_total_shipped_size_stays_small():
     assert sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file()) < 8e6
+
+
+def test_markup_corpora_ask_no_heldout_problem():
+    """tools.jsonl and perspectives.jsonl pair problems with answers: none of them may be a held-out one."""
+    heldout = read_jsonl(DATA / "eval" / "heldout.jsonl")
+    held = {tasks.problem_key(r["task"], tasks.parse_prompt(r["task"], r["prompt"])) for r in heldout}
+    found = 0
+    for name, marker in (("tools", "<tool>"), ("perspectives", "<perspective>question</perspective> ")):
+        rows = read_jsonl(DATA / "corpus" / f"{name}.jsonl")
+        assert all(set(r) == {"text"} and marker in r["text"] for r in rows)
+        for line in (line for r in rows for line in r["text"].splitlines()):
+            prompt = line.split(marker)[-1 if name == "perspectives" else 0].strip()
+            if name == "perspectives":
+                prompt = prompt.rsplit(" ", 1)[0]  # the answer follows the question
+            for task in tasks.TASKS:
+                try:
+                    slots = tasks.parse_prompt(task, prompt)
+                except ValueError:
+                    continue
+                found += 1
+                assert tasks.problem_key(task, slots) not in held, line
+    assert found > 3000  # the lines were parsed, not skipped
