@@ -127,9 +127,33 @@ def _check_model(tokenizer_json: dict[str, Any], where: Path) -> None:
         )
 
 
+def _token_content(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def tokenizer_settings(folder: Path) -> dict[str, Any]:
+    """The tokenizer's special tokens and chat template, from the files `transformers` writes:
+    special_tokens_map.json, then tokenizer_config.json on top, then chat_template.jinja (transformers 5 keeps
+    the template there). Read as files, not through `AutoTokenizer`, whose import alone brings in torch: GGUF
+    export needs neither (verification, which does load transformers, compares the result with it)."""
+    settings: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.exists():
+            settings.update(json.loads(path.read_text(encoding="utf-8")))
+    template = folder / "chat_template.jinja"
+    if template.exists():
+        settings["chat_template"] = template.read_text(encoding="utf-8")
+    elif isinstance(settings.get("chat_template"), list):  # named templates: llama.cpp takes the default
+        named = {t.get("name"): t.get("template") for t in settings["chat_template"]}
+        settings["chat_template"] = named.get("default")
+    return settings
+
+
 def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
     """The GGUF vocabulary of the HF tokenizer in `folder`, padded to the model's `n_vocab` rows."""
-    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer
 
     path = folder / "tokenizer.json"
     if not path.exists():
@@ -137,7 +161,7 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
     tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
     _check_model(tokenizer_json, path)
     pre = detect_pre_tokenizer(tokenizer_json)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    settings = tokenizer_settings(folder)
 
     id_to_token = {i: t for t, i in tokenizer_json["model"]["vocab"].items()}
     types = dict.fromkeys(id_to_token, NORMAL)
@@ -155,17 +179,19 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
     token_types = [types.get(i, UNUSED) for i in range(n_vocab)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"].get("merges", [])]
 
+    token_to_id = {t: i for i, t in id_to_token.items()}
     special_ids = {
-        name: getattr(tokenizer, f"{attr}_token_id")
-        for name, attr in (("bos", "bos"), ("eos", "eos"), ("unk", "unk"), ("pad", "pad"))
-        if getattr(tokenizer, f"{attr}_token_id") is not None
+        name: token_to_id[content]
+        for name in ("bos", "eos", "unk", "pad")
+        if (content := _token_content(settings.get(f"{name}_token"))) in token_to_id
     }
-    # Whether BOS/EOS are added is what the tokenizer does, not what a flag claims: ask it.
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    full = tokenizer("a")["input_ids"]
-    add_bos = len(full) > len(plain) and full[0] == tokenizer.bos_token_id
-    add_eos = len(full) > len(plain) and full[-1] == tokenizer.eos_token_id
-    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
+    # Whether BOS/EOS are added is what the tokenizer does (its post-processor), not what a flag claims.
+    tokenizer = Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a").ids
+    add_bos = len(full) > len(plain) and full[0] == special_ids.get("bos")
+    add_eos = len(full) > len(plain) and full[-1] == special_ids.get("eos")
+    template = settings.get("chat_template")
     return GGUFVocab(
         pre=pre,
         tokens=tokens,
@@ -174,7 +200,7 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
         special_ids=special_ids,
         add_bos=add_bos,
         add_eos=add_eos,
-        chat_template=portable_chat_template(template) if template else None,
+        chat_template=portable_chat_template(template) if isinstance(template, str) else None,
     )
 
 

@@ -136,6 +136,12 @@ def _checks(quant: str, measures: dict[str, float]) -> list[dict[str, Any]]:
     return checks
 
 
+def added_tokens_text(tokenizer: Any) -> str:
+    """One text that uses every added token (specials such as `<tool>` included) between ordinary words, so
+    that each must come out of llama.cpp's tokenizer whole and with its own id."""
+    return " ".join(f"w{i}{token.content}x" for i, token in sorted(tokenizer.added_tokens_decoder.items()))
+
+
 def verify_gguf(
     path: Path,
     folder: Path,
@@ -164,7 +170,7 @@ def verify_gguf(
 
     token_mismatches = [
         text
-        for text in TOKENIZER_TEXTS
+        for text in TOKENIZER_TEXTS + [added_tokens_text(tokenizer)]
         if tokenizer(text)["input_ids"] != llm.tokenize(text.encode(), add_bos=True, special=True)
     ]
     chat_identical = 1.0

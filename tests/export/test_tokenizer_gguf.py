@@ -45,6 +45,33 @@ def test_vocab_keeps_special_ids_and_pads_to_the_embedding(make_tokenizer, tmp_p
         read_vocab(tmp_path, 100)
 
 
+@pytest.mark.parametrize("style", ["gpt-2", "llama-bpe", "qwen2"])
+def test_vocab_read_from_files_agrees_with_transformers(make_tokenizer, tmp_path, style):
+    """The exporter reads the tokenizer's files without transformers (whose import brings in torch); what it
+    reads must be what AutoTokenizer makes of the same folder."""
+    from transformers import AutoTokenizer
+
+    make_tokenizer(style, tmp_path)
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    reference.add_special_tokens({"extra_special_tokens": ["<tool>"]})  # an added special token too
+    reference.save_pretrained(tmp_path)
+    reference = AutoTokenizer.from_pretrained(tmp_path)
+    vocab = read_vocab(tmp_path, len(reference))
+    expected = {
+        name: getattr(reference, f"{name}_token_id")
+        for name in ("bos", "eos", "unk", "pad")
+        if getattr(reference, f"{name}_token_id") is not None
+    }
+    assert vocab.special_ids == expected
+    plain, full = reference("a", add_special_tokens=False)["input_ids"], reference("a")["input_ids"]
+    assert vocab.add_bos == (full[0] != plain[0] and full[0] == reference.bos_token_id)
+    assert vocab.add_eos == (full[-1] != plain[-1] and full[-1] == reference.eos_token_id)
+    assert vocab.chat_template == (
+        portable_chat_template(reference.chat_template) if reference.chat_template else None
+    )
+    assert vocab.tokens[reference.convert_tokens_to_ids("<tool>")] == "<tool>"
+
+
 def test_portable_template_renders_like_the_original(chatml):
     conversation = [
         {"role": "user", "content": "Hi"},
