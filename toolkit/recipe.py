@@ -75,6 +75,8 @@ MODEL_KEYS = {
     "dtype",
     "attn_implementation",
     "revision",
+    "add_special_tokens",
+    "pad_vocab_to_multiple_of",
 }
 TOKENIZER_STAGE_KEYS = {"vocab_size", "min_frequency", "model_max_length", "extra_special_tokens"}
 DATA_KEYS = {"sources", "eval_sources", "eval_fraction"}
@@ -225,9 +227,10 @@ def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str) -> Stag
     sources = stage.data.get("sources")
     if not sources:
         raise RecipeError(f"{at}.data.sources: list at least one data source")
-    if not isinstance(sources, list):
-        stage.data["sources"] = [sources]
-    stage.data["sources"] = [s if isinstance(s, dict) else {"path": s} for s in stage.data["sources"]]
+    for key in ("sources", "eval_sources"):  # a bare path stands for {path: ...}; one source for a list
+        if key in stage.data:
+            entries = stage.data[key] if isinstance(stage.data[key], list) else [stage.data[key]]
+            stage.data[key] = [s if isinstance(s, dict) else {"path": s} for s in entries]
 
     if method == "tokenizer":
         stage.tokenizer = dict(_check_keys(raw.get("tokenizer"), TOKENIZER_STAGE_KEYS, f"{at}.tokenizer"))
@@ -251,6 +254,12 @@ def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str) -> Stag
             f"{at}.model.from: '{stage.model['from']}' is not an earlier training stage "
             f"(earlier: {', '.join(trained) or 'none'})"
         )
+    added = stage.model.get("add_special_tokens", [])
+    if not isinstance(added, list) or not all(isinstance(t, str) and t for t in added):
+        raise RecipeError(f"{at}.model.add_special_tokens: give a list of token strings, got {added!r}")
+    multiple = stage.model.get("pad_vocab_to_multiple_of", 1)
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise RecipeError(f"{at}.model.pad_vocab_to_multiple_of: give a positive integer, got {multiple!r}")
     tokenizer = raw.get("tokenizer")
     if tokenizer is None:
         tokenizer_stages = [s.name for s in earlier if s.method == "tokenizer"]

@@ -241,7 +241,19 @@ def load_tokenizer(stage: Stage, run_dir: Path) -> PreTrainedTokenizerBase:
         raise ToolkitError(f"stages.{stage.name}: cannot load a tokenizer from '{source}': {error}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad token; masks keep it out of the loss
+    added = stage.model.get("add_special_tokens") or []
+    # Special: never split, never merged with neighbours, kept whole by llama.cpp (exported as control tokens).
+    # A token the vocabulary already has keeps its id and becomes special; a new one is appended.
+    if added:
+        tokenizer.add_special_tokens({"extra_special_tokens": list(added)})
     return tokenizer
+
+
+def vocab_rows(stage: Stage, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Embedding rows for `tokenizer`: its length, rounded up to `model.pad_vocab_to_multiple_of` when set
+    (tensor cores and K-quant blocks prefer multiples of 64; the GGUF export names the spare rows)."""
+    multiple = stage.model.get("pad_vocab_to_multiple_of") or 1
+    return -(-len(tokenizer) // multiple) * multiple
 
 
 def load_model(stage: Stage, run_dir: Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -252,7 +264,7 @@ def load_model(stage: Stage, run_dir: Path, tokenizer: PreTrainedTokenizerBase) 
 
         config = build_config(
             spec["preset"],
-            vocab_size=len(tokenizer),
+            vocab_size=vocab_rows(stage, tokenizer),
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -276,7 +288,11 @@ def load_model(stage: Stage, run_dir: Path, tokenizer: PreTrainedTokenizerBase) 
     if spec.get("config"):
         raise RecipeError(f"stages.{stage.name}.model.config: config overrides apply only to a preset")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer))  # tokens added to the tokenizer need embedding rows
+        # Tokens added to the tokenizer need embedding rows; transformers starts them at the mean of the
+        # existing rows (and the tied or separate LM head with them), so they begin as an average token.
+        model.resize_token_embeddings(
+            len(tokenizer), pad_to_multiple_of=stage.model.get("pad_vocab_to_multiple_of")
+        )
     return model
 
 
