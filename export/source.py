@@ -103,7 +103,9 @@ def merge_lora(adapter_dir: Path, name: str, run_dir: Path | None, prompts: list
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import toolkit  # noqa: F401  (registers the toolkit's architectures for AutoModel)
+    from toolkit.models import register_auto_classes
+
+    register_auto_classes()  # the Auto classes resolve the toolkit's architectures
 
     adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
     base = adapter_config.get("base_model_name_or_path")

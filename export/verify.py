@@ -158,8 +158,10 @@ def verify_gguf(
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import toolkit  # noqa: F401  (registers the toolkit's architectures for AutoModel)
     from export.llama_cpp import load_for_verification, quiet
+    from toolkit.models import register_auto_classes
+
+    register_auto_classes()  # the Auto classes resolve the toolkit's architectures
 
     prompts = prompts or PROMPTS
     problems = check_file(path, plan, jobs, vocab)

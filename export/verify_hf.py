@@ -77,7 +77,9 @@ def reference(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import toolkit  # noqa: F401  (registers the toolkit's architectures for the Auto classes)
+    from toolkit.models import register_auto_classes
+
+    register_auto_classes()  # the Auto classes resolve the toolkit's architectures
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder or folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)

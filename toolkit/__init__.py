@@ -1,9 +1,12 @@
 """forge-toolkit: build, fine-tune and ship language models on the Hugging Face stack.
 
-Importing the package registers the toolkit's architectures with the transformers Auto classes; nothing else
-happens at import.
+Importing the package makes the transformers Auto classes resolve the toolkit's architectures (at once when
+transformers' Auto classes are already loaded, otherwise as soon as they are) and imports nothing heavy: torch
+and the modelling code load only when something uses them.
 """
 
-import toolkit.models  # noqa: F401  (registers architectures)
+from toolkit.models import autoregister as _autoregister
+
+_autoregister.install()
 
 __version__ = "0.1.0"

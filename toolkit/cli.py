@@ -115,8 +115,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from toolkit.models import register_auto_classes
     from toolkit.train.runner import evaluate_stage
 
+    register_auto_classes()
     model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     result = evaluate_stage(

@@ -13,7 +13,9 @@ from export.check import check
 from toolkit.cli import main
 from toolkit.models import ARCHITECTURES, PRESETS, Architecture, Preset, build_config, register_architecture
 from toolkit.models.decoder import DecoderConfig, DecoderForCausalLM, DecoderModel
-from toolkit.models.plans import LLAMA_GGUF, PLANS
+from toolkit.models.plans import LLAMA_GGUF, load_plans
+
+PLANS = load_plans()  # every architecture's export plan, loaded now
 
 TARGETS = ["gguf", "vllm-native", "vllm-transformers", "remote-code"]
 

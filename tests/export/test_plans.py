@@ -6,9 +6,10 @@ import gguf
 import numpy as np
 import pytest
 
-import toolkit  # noqa: F401  (registers the decoder's plan)
 from toolkit.errors import ExportError
-from toolkit.models.plans import PLANS, get_plan, permute_k
+from toolkit.models.plans import get_plan, load_plans, permute_k
+
+PLANS = load_plans()  # every architecture's export plan, loaded now
 
 ARCH_BY_NAME = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
 

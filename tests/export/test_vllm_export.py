@@ -17,7 +17,9 @@ from export.serve import serve_command, tensor_parallel_size
 from export.vllm import ALLOWED_IMPORTS, export_vllm, portable_sources
 from tests.export.vllm_helpers import NATIVE_IDS, make_run, native_logits
 from toolkit.errors import ExportError
-from toolkit.models.plans import PLANS, ExportPlan, VLLMPlan
+from toolkit.models.plans import ExportPlan, VLLMPlan, load_plans
+
+PLANS = load_plans()  # every architecture's export plan, loaded now
 
 IDS = NATIVE_IDS
 

@@ -1,8 +1,11 @@
-"""Model architectures. Importing this package registers each one with the transformers Auto classes."""
+"""Model architectures and their presets: the table every command reads.
 
-from toolkit.models.codette import CodetteConfig, CodetteForCausalLM, CodetteModel
-from toolkit.models.decoder import DecoderConfig, DecoderForCausalLM, DecoderModel
-from toolkit.models.prometheus import PrometheusConfig, PrometheusForCausalLM, PrometheusModel
+Importing this package imports no modelling code (nor torch): each architecture names its classes by import
+path, and the model classes below (`DecoderForCausalLM`, ...) are imported on first access.
+`register_auto_classes()` makes the transformers Auto classes resolve them; `import toolkit` sees to it once
+transformers' Auto classes are in use.
+"""
+
 from toolkit.models.registry import (
     ARCHITECTURES,
     PRESETS,
@@ -11,16 +14,19 @@ from toolkit.models.registry import (
     build_config,
     count_parameters,
     get_preset,
+    lazy_classes,
     memory_estimate,
     register_architecture,
+    register_auto_classes,
 )
 
 register_architecture(
     Architecture(
         name="decoder",
-        config_class=DecoderConfig,
-        base_model_class=DecoderModel,
-        causal_lm_class=DecoderForCausalLM,
+        config="toolkit.models.decoder.configuration_decoder:DecoderConfig",
+        base_model="toolkit.models.decoder.modeling_decoder:DecoderModel",
+        causal_lm="toolkit.models.decoder.modeling_decoder:DecoderForCausalLM",
+        plan_module="toolkit.models.decoder.export_plan",
         description="Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention",
     ),
     [
@@ -63,9 +69,10 @@ register_architecture(
 register_architecture(
     Architecture(
         name="prometheus",
-        config_class=PrometheusConfig,
-        base_model_class=PrometheusModel,
-        causal_lm_class=PrometheusForCausalLM,
+        config="toolkit.models.prometheus.configuration_prometheus:PrometheusConfig",
+        base_model="toolkit.models.prometheus.modeling_prometheus:PrometheusModel",
+        causal_lm="toolkit.models.prometheus.modeling_prometheus:PrometheusForCausalLM",
+        plan_module="toolkit.models.prometheus.export_plan",
         description="GPT-2-style decoder: learned positions, pre-norm LayerNorm, GELU MLP, biased attention",
     ),
     [
@@ -92,9 +99,10 @@ register_architecture(
 register_architecture(
     Architecture(
         name="codette",
-        config_class=CodetteConfig,
-        base_model_class=CodetteModel,
-        causal_lm_class=CodetteForCausalLM,
+        config="toolkit.models.codette.configuration_codette:CodetteConfig",
+        base_model="toolkit.models.codette.modeling_codette:CodetteModel",
+        causal_lm="toolkit.models.codette.modeling_codette:CodetteForCausalLM",
+        plan_module="toolkit.models.codette.export_plan",
         description="RoPE decoder: pre-norm LayerNorm, biased multi-head attention, 4x GELU MLP, tied embeddings",
     ),
     [
@@ -152,6 +160,16 @@ register_architecture(
     ],
 )
 
+# The model classes, importable from here as before; each is loaded on first access.
+__getattr__ = lazy_classes(
+    __name__,
+    {
+        f"{name}{suffix}": f"{name.lower()}.{'configuration' if suffix == 'Config' else 'modeling'}_{name.lower()}"
+        for name in ("Decoder", "Prometheus", "Codette")
+        for suffix in ("Config", "Model", "ForCausalLM")
+    },
+)
+
 __all__ = [
     "ARCHITECTURES",
     "PRESETS",
@@ -162,4 +180,5 @@ __all__ = [
     "get_preset",
     "memory_estimate",
     "register_architecture",
+    "register_auto_classes",
 ]

@@ -182,8 +182,23 @@ def register_plan(plan: ExportPlan) -> None:
     PLANS[plan.model_type] = plan
 
 
+def load_plans() -> dict[str, ExportPlan]:
+    """Every export plan: those of the transformers architectures below and each registered architecture's
+    (its `plan_module`, imported here; plan modules import no modelling code)."""
+    import importlib
+
+    from toolkit.models.registry import ARCHITECTURES
+
+    for arch in list(ARCHITECTURES.values()):
+        if arch is not None and arch.plan_module:
+            importlib.import_module(arch.plan_module)
+    return PLANS
+
+
 def get_plan(model_type: str) -> ExportPlan:
     """The export plan of `model_type`; an architecture without one is an error that lists those with one."""
+    if model_type not in PLANS:
+        load_plans()
     if model_type not in PLANS:
         known = ", ".join(sorted(PLANS))
         raise ExportError(f"architecture '{model_type}' has no export plan; architectures with one: {known}")
@@ -288,5 +303,6 @@ __all__ = [
     "TensorRule",
     "VLLMPlan",
     "get_plan",
+    "load_plans",
     "register_plan",
 ]

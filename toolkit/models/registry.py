@@ -1,31 +1,60 @@
 """Architectures and named presets: name -> config class, model classes, and sizes.
 
-Importing `toolkit` registers every architecture here with `AutoConfig`, `AutoModel` and
-`AutoModelForCausalLM`, so `from_pretrained` on a saved folder, `Trainer`, TRL and PEFT treat them like any
-Hub model. Presets are one table (as litgpt's `name_to_config`); their sizes are computed on the meta device,
-never allocated.
+An architecture names its classes as import paths ("module:Class"), so the table can be read (presets, export
+plans, the GGUF exporter) without importing torch or any modelling code. `register_auto_classes()` imports
+them and registers each architecture with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`, so that
+`from_pretrained` on a saved folder, `Trainer`, TRL and PEFT treat them like any Hub model; `import toolkit`
+arranges for that to happen as soon as transformers' Auto classes are in use (see toolkit/models/autoregister.py).
+Presets are one table (as litgpt's `name_to_config`); their sizes are computed on the meta device, never
+allocated.
 """
 
 from __future__ import annotations
 
+import importlib
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import ToolkitError, nearest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig, PreTrainedModel
+
+
+def import_path(target: str | type) -> Any:
+    """`"package.module:Name"` -> the object (a class given as such is returned as it is)."""
+    if not isinstance(target, str):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """One registered architecture."""
+    """One registered architecture. The classes are import paths ("module:Class") or the classes themselves;
+    the `*_class` properties import them on first use."""
 
     name: str  # the config's model_type
-    config_class: type[PreTrainedConfig]
-    base_model_class: type[PreTrainedModel]
-    causal_lm_class: type[PreTrainedModel]
+    config: str | type
+    base_model: str | type
+    causal_lm: str | type
     description: str
+    # Module whose import registers the architecture's export plan (toolkit/models/plans.py), if any.
+    plan_module: str | None = None
+
+    @property
+    def config_class(self) -> type[PreTrainedConfig]:
+        return import_path(self.config)
+
+    @property
+    def base_model_class(self) -> type[PreTrainedModel]:
+        return import_path(self.base_model)
+
+    @property
+    def causal_lm_class(self) -> type[PreTrainedModel]:
+        return import_path(self.causal_lm)
 
 
 @dataclass(frozen=True)
@@ -42,16 +71,49 @@ class Preset:
 
 ARCHITECTURES: dict[str, Architecture] = {}
 PRESETS: dict[str, Preset] = {}
+_registered: set[str] = set()  # architectures the Auto classes already know
+_lock = threading.RLock()
 
 
 def register_architecture(arch: Architecture, presets: list[Preset]) -> None:
-    """Add an architecture and its presets, and make the Auto classes resolve it."""
-    ARCHITECTURES[arch.name] = arch
-    for preset in presets:
-        PRESETS[preset.name] = preset
-    AutoConfig.register(arch.name, arch.config_class, exist_ok=True)
-    AutoModel.register(arch.config_class, arch.base_model_class, exist_ok=True)
-    AutoModelForCausalLM.register(arch.config_class, arch.causal_lm_class, exist_ok=True)
+    """Add an architecture and its presets. The Auto classes learn it with `register_auto_classes()` (at once
+    when they already know the others)."""
+    with _lock:
+        ARCHITECTURES[arch.name] = arch
+        for preset in presets:
+            PRESETS[preset.name] = preset
+        if _registered:
+            register_auto_classes()
+
+
+def register_auto_classes() -> None:
+    """Register every architecture with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM` (imports torch,
+    transformers' modelling code and ours; a no-op for those already registered)."""
+    with _lock:
+        pending = [
+            arch for name, arch in ARCHITECTURES.items() if name not in _registered and arch is not None
+        ]
+        if not pending:
+            return
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        for arch in pending:
+            AutoConfig.register(arch.name, arch.config_class, exist_ok=True)
+            AutoModel.register(arch.config_class, arch.base_model_class, exist_ok=True)
+            AutoModelForCausalLM.register(arch.config_class, arch.causal_lm_class, exist_ok=True)
+            _registered.add(arch.name)
+
+
+def lazy_classes(package: str, classes: dict[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` that imports `classes` (name -> submodule) on first access, so importing an
+    architecture's package (for its export plan) does not import its modelling code."""
+
+    def __getattr__(name: str) -> Any:
+        if name not in classes:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{classes[name]}"), name)
+
+    return __getattr__
 
 
 def get_preset(name: str) -> Preset:
@@ -78,6 +140,10 @@ def build_config(preset: str, **overrides: Any) -> PreTrainedConfig:
 
 def meta_model(config: PreTrainedConfig) -> PreTrainedModel:
     """The causal LM for `config` with every tensor on the meta device: shapes without memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    register_auto_classes()
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 

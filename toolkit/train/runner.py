@@ -258,10 +258,11 @@ def vocab_rows(stage: Stage, tokenizer: PreTrainedTokenizerBase) -> int:
 
 def load_model(stage: Stage, run_dir: Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A fresh model from a preset (sized to the tokenizer), or pretrained weights (safetensors only)."""
+    from toolkit.models import build_config, register_auto_classes
+
+    register_auto_classes()
     spec = stage.model
     if "preset" in spec:
-        from toolkit.models import build_config
-
         config = build_config(
             spec["preset"],
             vocab_size=vocab_rows(stage, tokenizer),

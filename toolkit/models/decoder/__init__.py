@@ -1,7 +1,16 @@
 """The `decoder` architecture (Llama-style); its export plan lives beside it."""
 
-from .configuration_decoder import DecoderConfig
-from .modeling_decoder import DecoderForCausalLM, DecoderModel, DecoderPreTrainedModel
+from toolkit.models.registry import lazy_classes
+
+# Imported on first access: the export plan (export_plan.py) is read without the modelling code.
+__getattr__ = lazy_classes(
+    __name__,
+    {
+        "DecoderConfig": "configuration_decoder",
+        "DecoderModel": "modeling_decoder",
+        "DecoderForCausalLM": "modeling_decoder",
+        "DecoderPreTrainedModel": "modeling_decoder",
+    },
+)
 
 __all__ = ["DecoderConfig", "DecoderForCausalLM", "DecoderModel", "DecoderPreTrainedModel"]
-from . import export_plan  # noqa: E402, F401  (registers the export plan)

@@ -1,7 +1,16 @@
 """The `prometheus` architecture (GPT-2-style); its export plan lives beside it."""
 
-from .configuration_prometheus import PrometheusConfig
-from .modeling_prometheus import PrometheusForCausalLM, PrometheusModel, PrometheusPreTrainedModel
+from toolkit.models.registry import lazy_classes
+
+# Imported on first access: the export plan (export_plan.py) is read without the modelling code.
+__getattr__ = lazy_classes(
+    __name__,
+    {
+        "PrometheusConfig": "configuration_prometheus",
+        "PrometheusModel": "modeling_prometheus",
+        "PrometheusForCausalLM": "modeling_prometheus",
+        "PrometheusPreTrainedModel": "modeling_prometheus",
+    },
+)
 
 __all__ = ["PrometheusConfig", "PrometheusForCausalLM", "PrometheusModel", "PrometheusPreTrainedModel"]
-from . import export_plan  # noqa: E402, F401  (registers the export plan)
