@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from export.serve import serve_command, tensor_parallel_size
 from export.vllm import ALLOWED_IMPORTS, export_vllm, portable_sources
-from tests.export.vllm_helpers import NATIVE_IDS, make_run, native_logits
+from tests.export.vllm_helpers import NATIVE_IDS, make_model, make_run, make_tokenizer, native_logits
 from toolkit.errors import ExportError
 from toolkit.models.plans import ExportPlan, VLLMPlan, load_plans
 
@@ -194,9 +194,13 @@ def test_cli_prints_the_serve_command(native, capsys):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("form", ["native", "remote-code"])
-def test_vllm_greedy_output_matches_transformers(run, tmp_path, form):
+@pytest.mark.parametrize("preset", ["decoder-tiny", "prometheus-tiny", "codette-tiny"])
+def test_vllm_greedy_output_matches_transformers(tmp_path, preset, form):
+    """vLLM itself serves each architecture's export, natively (Llama, GPT-2, Starcoder2) and through its
+    Transformers backend, with transformers' greedy tokens."""
+    source = make_model(tmp_path / "model", make_tokenizer(tmp_path / "tokenizer"), preset=preset)
+    folder = export_vllm(source, tmp_path / form, form=form, verify=False).path
     vllm = pytest.importorskip("vllm")
-    folder = export_vllm(run, tmp_path / form, form=form, verify=False).path
     prompt = [5, 17, 42, 99]
     llm = vllm.LLM(
         model=str(folder),
@@ -209,9 +213,10 @@ def test_vllm_greedy_output_matches_transformers(run, tmp_path, form):
     )
     params = vllm.SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     served = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0].token_ids
-    model = AutoModelForCausalLM.from_pretrained(run / "sft" / "final", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, min_new_tokens=16)[
         0, len(prompt) :
     ].tolist()
     assert list(served) == expected
+    del llm
     shutil.rmtree(folder)

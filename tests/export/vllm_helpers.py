@@ -52,14 +52,18 @@ def make_tokenizer(folder: Path) -> Any:
     return train_tokenizer([str(corpus)], vocab_size=320, out_dir=folder, min_frequency=1)
 
 
-def make_model(folder: Path, tokenizer: Any, seed: int = 0) -> Path:
-    """A one-layer `decoder` with `tokenizer`, saved to `folder` with an end-of-turn generation config."""
-    from eval.accuracy import end_of_turn_ids
-    from toolkit.models import DecoderForCausalLM, build_config
+def make_model(folder: Path, tokenizer: Any, seed: int = 0, preset: str = "decoder-tiny") -> Path:
+    """A one-layer model of `preset` with `tokenizer`, saved to `folder` with an end-of-turn generation
+    config."""
+    from transformers import AutoModelForCausalLM
 
+    from eval.accuracy import end_of_turn_ids
+    from toolkit.models import build_config, register_auto_classes
+
+    register_auto_classes()
     torch.manual_seed(seed)
     config = build_config(
-        "decoder-tiny",
+        preset,
         vocab_size=len(tokenizer),
         num_hidden_layers=1,
         max_position_embeddings=256,
@@ -67,7 +71,7 @@ def make_model(folder: Path, tokenizer: Any, seed: int = 0) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = DecoderForCausalLM(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
     model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
