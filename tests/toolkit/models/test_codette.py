@@ -5,6 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Starcoder2Config, Starcoder2ForCausalLM
 
 import toolkit  # noqa: F401  (registers the architecture)
+from tests.toolkit.models.conventions import assert_checkpointing_keeps_gradients
 from toolkit.models import build_config, count_parameters
 from toolkit.models.codette import CodetteForCausalLM
 
@@ -126,19 +127,7 @@ def test_save_load_round_trip_through_auto_classes(tmp_path):
 
 
 def test_gradient_checkpointing_gives_same_gradients():
-    ours, _ = make_pair()
-    ours.train()
-    ids = torch.randint(0, VOCAB, (2, 12))
-
-    def grads():
-        ours.zero_grad()
-        ours(ids, labels=ids).loss.backward()
-        return [p.grad.clone() for p in ours.parameters()]
-
-    plain = grads()
-    ours.activation_checkpointing_enable()
-    checkpointed = grads()
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
+    assert_checkpointing_keeps_gradients(make_pair()[0], VOCAB)
 
 
 def test_dropout_sits_on_embeddings_residuals_and_inside_the_mlp():

@@ -5,6 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import toolkit  # noqa: F401  (registers the architecture)
+from tests.toolkit.models.conventions import assert_checkpointing_keeps_gradients
 from toolkit.models import build_config
 from toolkit.models.decoder import DecoderForCausalLM
 
@@ -85,19 +86,7 @@ def test_untied_embeddings_survive_reload(tmp_path):
 
 
 def test_gradient_checkpointing_gives_same_gradients():
-    ours, _ = make_pair()
-    ours.train()
-    ids = torch.randint(0, 512, (2, 12))
-
-    def grads():
-        ours.zero_grad()
-        ours(ids, labels=ids).loss.backward()
-        return [p.grad.clone() for p in ours.parameters()]
-
-    plain = grads()
-    ours.activation_checkpointing_enable()
-    checkpointed = grads()
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
+    assert_checkpointing_keeps_gradients(make_pair()[0], 512)
 
 
 def test_loss_is_shifted_cross_entropy():

@@ -1,0 +1,22 @@
+"""Checks every architecture must pass the same way (transformers conventions), shared by the model tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+
+def assert_checkpointing_keeps_gradients(model: PreTrainedModel, vocab: int) -> None:
+    """Activation checkpointing recomputes the forward pass: the gradients must not change."""
+    model.train()
+    ids = torch.randint(0, vocab, (2, 12))
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    model.activation_checkpointing_enable()
+    checkpointed = grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
