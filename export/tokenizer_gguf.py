@@ -158,7 +158,8 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
     path = folder / "tokenizer.json"
     if not path.exists():
         raise ExportError(f"no tokenizer.json in {folder}: GGUF export needs a fast (tokenizers) tokenizer")
-    tokenizer_json = json.loads(path.read_text(encoding="utf-8"))
+    text = path.read_text(encoding="utf-8")
+    tokenizer_json = json.loads(text)
     _check_model(tokenizer_json, path)
     pre = detect_pre_tokenizer(tokenizer_json)
     settings = tokenizer_settings(folder)
@@ -186,7 +187,7 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
         if (content := _token_content(settings.get(f"{name}_token"))) in token_to_id
     }
     # Whether BOS/EOS are added is what the tokenizer does (its post-processor), not what a flag claims.
-    tokenizer = Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    tokenizer = Tokenizer.from_str(text)
     plain = tokenizer.encode("a", add_special_tokens=False).ids
     full = tokenizer.encode("a").ids
     add_bos = len(full) > len(plain) and full[0] == special_ids.get("bos")

@@ -107,55 +107,31 @@ register_architecture(
     ),
     [
         Preset("codette-tiny", "codette", {}, "for tests and the CPU demo"),
-        # The project's published configurations: 32768 vocabulary, 2048 context, dropout 0.1. Its size labels
-        # do not match these shapes; `quoted` keeps its figures beside the count computed here.
-        Preset(
-            "codette-small",
-            "codette",
-            dict(
-                vocab_size=32768,
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=18,
-                num_attention_heads=16,
-                max_position_embeddings=2048,
-                dropout=0.1,
-                attention_dropout=0.1,
-            ),
-            "published 'small' shape",
-            quoted="project: 1.3B, 5.2 GB fp32",
-        ),
-        Preset(
-            "codette-medium",
-            "codette",
-            dict(
-                vocab_size=32768,
-                hidden_size=2048,
-                intermediate_size=8192,
-                num_hidden_layers=24,
-                num_attention_heads=32,
-                max_position_embeddings=2048,
-                dropout=0.1,
-                attention_dropout=0.1,
-            ),
-            "published 'medium' shape",
-            quoted="project: 2.7B, 10.8 GB fp32",
-        ),
-        Preset(
-            "codette-large",
-            "codette",
-            dict(
-                vocab_size=32768,
-                hidden_size=3072,
-                intermediate_size=12288,
-                num_hidden_layers=32,
-                num_attention_heads=48,
-                max_position_embeddings=2048,
-                dropout=0.1,
-                attention_dropout=0.1,
-            ),
-            "published 'large' shape",
-            quoted="project: 5.3B, 21.2 GB fp32",
+        # The project's published configurations: a 32768 vocabulary, 2048 context, dropout 0.1 and a 4x MLP
+        # around these widths and depths. Its size labels do not match these shapes; `quoted` keeps its figures
+        # beside the count computed here.
+        *(
+            Preset(
+                f"codette-{size}",
+                "codette",
+                dict(
+                    vocab_size=32768,
+                    hidden_size=width,
+                    intermediate_size=4 * width,
+                    num_hidden_layers=layers,
+                    num_attention_heads=heads,
+                    max_position_embeddings=2048,
+                    dropout=0.1,
+                    attention_dropout=0.1,
+                ),
+                f"published '{size}' shape",
+                quoted=f"project: {quoted}",
+            )
+            for size, width, layers, heads, quoted in (
+                ("small", 1024, 18, 16, "1.3B, 5.2 GB fp32"),
+                ("medium", 2048, 24, 32, "2.7B, 10.8 GB fp32"),
+                ("large", 3072, 32, 48, "5.3B, 21.2 GB fp32"),
+            )
         ),
     ],
 )

@@ -205,19 +205,27 @@ def get_plan(model_type: str) -> ExportPlan:
     return PLANS[model_type]
 
 
-# The Llama family's hyper-parameters; the key names are gguf-py's `Keys.LLM` / `Keys.Attention` / `Keys.Rope`.
-LLAMA_HPARAMS: tuple[HParam, ...] = (
+# Hyper-parameters as llama.cpp's loaders read them; key names are gguf-py's `Keys.LLM` / `Keys.Attention` /
+# `Keys.Rope`. Every graph reads the shape; RoPE graphs add the KV heads and rotary settings; each adds its norm.
+SHAPE_HPARAMS: tuple[HParam, ...] = (
     HParam("{arch}.context_length", _context_length),
     HParam("{arch}.embedding_length", "hidden_size"),
     HParam("{arch}.feed_forward_length", "intermediate_size"),
     HParam("{arch}.block_count", "num_hidden_layers"),
     HParam("{arch}.vocab_size", "vocab_size"),
     HParam("{arch}.attention.head_count", "num_attention_heads"),
+)
+ROPE_HPARAMS: tuple[HParam, ...] = SHAPE_HPARAMS + (
     HParam("{arch}.attention.head_count_kv", kv_heads),
-    HParam("{arch}.attention.key_length", head_dim),
-    HParam("{arch}.attention.value_length", head_dim),
     HParam("{arch}.rope.dimension_count", head_dim),
     HParam("{arch}.rope.freq_base", rope_theta, "float32"),
+)
+LAYER_NORM_EPS = HParam("{arch}.attention.layer_norm_epsilon", "layer_norm_eps", "float32")
+
+# The Llama family's: explicit key/value widths (a head_dim may differ from hidden/heads) and RMSNorm.
+LLAMA_HPARAMS: tuple[HParam, ...] = ROPE_HPARAMS + (
+    HParam("{arch}.attention.key_length", head_dim),
+    HParam("{arch}.attention.value_length", head_dim),
     HParam("{arch}.attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
 )
 
@@ -297,9 +305,12 @@ __all__ = [
     "ExportPlan",
     "GGUFPlan",
     "HParam",
+    "LAYER_NORM_EPS",
     "LLAMA_GGUF",
     "PLANS",
     "QWEN2_GGUF",
+    "ROPE_HPARAMS",
+    "SHAPE_HPARAMS",
     "TensorRule",
     "VLLMPlan",
     "get_plan",

@@ -18,16 +18,14 @@ works too.
 """
 
 from toolkit.models.plans import (
+    LAYER_NORM_EPS,
+    ROPE_HPARAMS,
     ConfigCheck,
     ExportPlan,
     GGUFPlan,
-    HParam,
     TensorRule,
     VLLMPlan,
-    head_dim,
-    kv_heads,
     register_plan,
-    rope_theta,
     rope_type,
 )
 
@@ -44,20 +42,8 @@ def _intermediate(config: dict) -> tuple[int, ...]:
 
 STARCODER2_GGUF = GGUFPlan(
     arch="starcoder2",
-    # Key names are gguf-py's `Keys.LLM` / `Keys.Attention` / `Keys.Rope`; llama.cpp's starcoder2 loader reads
-    # the Llama family's keys with a LayerNorm epsilon in place of the RMS one.
-    hparams=(
-        HParam("{arch}.context_length", "max_position_embeddings"),
-        HParam("{arch}.embedding_length", "hidden_size"),
-        HParam("{arch}.feed_forward_length", "intermediate_size"),
-        HParam("{arch}.block_count", "num_hidden_layers"),
-        HParam("{arch}.vocab_size", "vocab_size"),
-        HParam("{arch}.attention.head_count", "num_attention_heads"),
-        HParam("{arch}.attention.head_count_kv", kv_heads),
-        HParam("{arch}.rope.dimension_count", head_dim),
-        HParam("{arch}.rope.freq_base", rope_theta, "float32"),
-        HParam("{arch}.attention.layer_norm_epsilon", "layer_norm_eps", "float32"),
-    ),
+    # The RoPE graphs' keys with a LayerNorm epsilon; llama.cpp's starcoder2 loader reads exactly these.
+    hparams=ROPE_HPARAMS + (LAYER_NORM_EPS,),
     tensors=(
         TensorRule("model.embed_tokens.weight", "token_embd.weight"),
         TensorRule(f"{_BLOCK}.input_layernorm.weight", "blk.{bid}.attn_norm.weight"),

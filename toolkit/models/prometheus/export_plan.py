@@ -11,10 +11,11 @@ remote-code folder served by vLLM's Transformers backend works too.
 """
 
 from toolkit.models.plans import (
+    LAYER_NORM_EPS,
+    SHAPE_HPARAMS,
     ConfigCheck,
     ExportPlan,
     GGUFPlan,
-    HParam,
     TensorRule,
     VLLMPlan,
     register_plan,
@@ -24,16 +25,8 @@ _BLOCK = "model.layers.{bid}"
 
 GPT2_GGUF = GGUFPlan(
     arch="gpt2",
-    # Key names are gguf-py's `Keys.LLM` / `Keys.Attention`; llama.cpp's gpt2 loader reads exactly these.
-    hparams=(
-        HParam("{arch}.context_length", "max_position_embeddings"),
-        HParam("{arch}.embedding_length", "hidden_size"),
-        HParam("{arch}.feed_forward_length", "intermediate_size"),
-        HParam("{arch}.block_count", "num_hidden_layers"),
-        HParam("{arch}.vocab_size", "vocab_size"),
-        HParam("{arch}.attention.head_count", "num_attention_heads"),
-        HParam("{arch}.attention.layer_norm_epsilon", "layer_norm_eps", "float32"),
-    ),
+    # The shape keys with a LayerNorm epsilon; llama.cpp's gpt2 loader reads exactly these.
+    hparams=SHAPE_HPARAMS + (LAYER_NORM_EPS,),
     tensors=(
         TensorRule("model.embed_tokens.weight", "token_embd.weight"),
         TensorRule("model.embed_positions.weight", "position_embd.weight"),
