@@ -142,13 +142,45 @@ def save_model(
             "mistral": (MistralConfig, MistralForCausalLM),
         }[kind]
         model = model_class(config_class(**shape))
+    return finish_model(model, tokenizer, out_dir, train)
+
+
+def save_preset_model(
+    preset: str, out_dir: Path, style: str = "gpt-2", train: bool = False, **overrides
+) -> Path:
+    """A two-layer model of a toolkit `preset` (its widths), with a `style` tokenizer, saved to `out_dir`."""
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.models import build_config, register_auto_classes
+
+    register_auto_classes()
+    tokenizer = train_tokenizer(style, out_dir)
+    torch.manual_seed(0)
+    config = build_config(
+        preset,
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+    return finish_model(AutoModelForCausalLM.from_config(config), tokenizer, out_dir, train)
+
+
+def finish_model(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, out_dir: Path, train: bool
+) -> Path:
+    """Random biases (initialised to zero, they would hide a wrong mapping), optionally a brief training
+    (peaked logits, as a trained model's, for quantization bounds), then `save_pretrained`."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("bias"):  # initialised to zero: random values make their mapping matter
+            if name.endswith("bias"):
                 param.normal_(0.0, 0.02)
     if train:
         train_briefly(model, tokenizer)
-    model.save_pretrained(out_dir)
+    model.eval().save_pretrained(out_dir)
     return out_dir
 
 

@@ -16,60 +16,33 @@ from transformers import AutoModelForCausalLM
 
 from export.gguf import export_gguf
 from export.vllm import export_vllm
-from tests.export.conftest import train_briefly
+from tests.export.conftest import save_preset_model
 from tests.export.vllm_helpers import NATIVE_IDS, native_logits
 from toolkit.errors import ExportError
 
 IDS = NATIVE_IDS
 
 
-def save_codette(folder: Path, make_tokenizer, train: bool, **overrides) -> Path:
-    """A two-layer codette with a GPT-2-style tokenizer. Untrained, its logits are flat (fine for f32
-    parity); `train` makes them peaked as a trained model's are, which makes the q8_0 agreement meaningful.
-    f32 is checked untrained for the reason the prometheus test gives: llama.cpp's CPU GELU looks its
-    input up in a float16 table, which moves peaked logits past the 1e-3 f32 bound."""
-    from toolkit.models import build_config
-    from toolkit.models.codette import CodetteForCausalLM
-
-    tokenizer = make_tokenizer("gpt-2", folder)
-    torch.manual_seed(0)
-    config = build_config(
-        "codette-tiny",
-        vocab_size=len(tokenizer),
-        num_hidden_layers=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **overrides,
-    )
-    model = CodetteForCausalLM(config)
-    with torch.no_grad():  # biases start at zero: random values make their mapping matter
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.02)
-    if train:
-        train_briefly(model, tokenizer)
-    model.eval().save_pretrained(folder)
-    return folder
+# f32 is checked untrained for the reason the prometheus test gives: llama.cpp's CPU GELU looks its input up
+# in a float16 table, which moves peaked logits past the 1e-3 f32 bound; q8_0 on a briefly trained model.
 
 
 @pytest.fixture(scope="module")
-def untrained_dir(tmp_path_factory, make_tokenizer) -> Path:
-    return save_codette(tmp_path_factory.mktemp("codette"), make_tokenizer, train=False)
+def untrained_dir(tmp_path_factory) -> Path:
+    return save_preset_model("codette-tiny", tmp_path_factory.mktemp("codette"))
 
 
 @pytest.fixture(scope="module")
-def bias_free_dir(tmp_path_factory, make_tokenizer) -> Path:
-    return save_codette(tmp_path_factory.mktemp("codette-bias-free"), make_tokenizer, train=False, bias=False)
+def bias_free_dir(tmp_path_factory) -> Path:
+    return save_preset_model("codette-tiny", tmp_path_factory.mktemp("codette-bias-free"), bias=False)
 
 
 @pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory, make_tokenizer) -> Path:
+def trained_dir(tmp_path_factory) -> Path:
     # Distinct dropout rates, so that the vLLM test can tell which Starcoder2 key each one reached.
-    return save_codette(
+    return save_preset_model(
+        "codette-tiny",
         tmp_path_factory.mktemp("codette-trained"),
-        make_tokenizer,
         train=True,
         dropout=0.1,
         attention_dropout=0.05,

@@ -13,50 +13,25 @@ from transformers import AutoModelForCausalLM
 
 from export.gguf import export_gguf
 from export.vllm import export_vllm
-from tests.export.conftest import train_briefly
+from tests.export.conftest import save_preset_model
 from tests.export.vllm_helpers import NATIVE_IDS, native_logits
 
 IDS = NATIVE_IDS
 
 
-def save_prometheus(folder: Path, make_tokenizer, train: bool) -> Path:
-    """A two-layer prometheus with a GPT-2-style tokenizer. Untrained, its logits are flat (fine for f32
-    parity); `train` makes them peaked as a trained model's are, which makes the q8_0 agreement meaningful.
-    A trained model is not used for f32: llama.cpp's CPU GELU looks its input up in a float16 table, which
-    on peaked logits alone moves them by about 1.1e-3, past the 1e-3 f32 bound."""
-    from toolkit.models import build_config
-    from toolkit.models.prometheus import PrometheusForCausalLM
-
-    tokenizer = make_tokenizer("gpt-2", folder)
-    torch.manual_seed(0)
-    config = build_config(
-        "prometheus-tiny",
-        vocab_size=len(tokenizer),
-        num_hidden_layers=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = PrometheusForCausalLM(config)
-    with torch.no_grad():  # biases start at zero: random values make their mapping matter
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.normal_(0.0, 0.02)
-    if train:
-        train_briefly(model, tokenizer)
-    model.eval().save_pretrained(folder)
-    return folder
+# A trained model is not used for f32: llama.cpp's CPU GELU looks its input up in a float16 table, which on
+# peaked logits alone moves them by about 1.1e-3, past the 1e-3 f32 bound. Untrained logits are flat (fine for
+# f32 parity); training makes them peaked as a trained model's are, which makes the q8_0 agreement meaningful.
 
 
 @pytest.fixture(scope="module")
-def untrained_dir(tmp_path_factory, make_tokenizer) -> Path:
-    return save_prometheus(tmp_path_factory.mktemp("prometheus"), make_tokenizer, train=False)
+def untrained_dir(tmp_path_factory) -> Path:
+    return save_preset_model("prometheus-tiny", tmp_path_factory.mktemp("prometheus"))
 
 
 @pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory, make_tokenizer) -> Path:
-    return save_prometheus(tmp_path_factory.mktemp("prometheus-trained"), make_tokenizer, train=True)
+def trained_dir(tmp_path_factory) -> Path:
+    return save_preset_model("prometheus-tiny", tmp_path_factory.mktemp("prometheus-trained"), train=True)
 
 
 @pytest.mark.parametrize("quant", ["f32", "q8_0"])

@@ -20,3 +20,14 @@ def assert_checkpointing_keeps_gradients(model: PreTrainedModel, vocab: int) -> 
     model.activation_checkpointing_enable()
     checkpointed = grads()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed, strict=True))
+
+
+def randomize_norms_and_biases(model: PreTrainedModel) -> None:
+    """Norm weights away from one and biases away from zero, so that a swapped norm or an unmapped bias
+    cannot hide behind their initial values in a parity test."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.normal_(1.0, 0.1)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.05)

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Starcoder2Config, Starcoder2ForCausalLM
 
 import toolkit  # noqa: F401  (registers the architecture)
-from tests.toolkit.models.conventions import assert_checkpointing_keeps_gradients
+from tests.toolkit.models.conventions import assert_checkpointing_keeps_gradients, randomize_norms_and_biases
 from toolkit.models import build_config, count_parameters
 from toolkit.models.codette import CodetteForCausalLM
 
@@ -17,13 +17,7 @@ def make_pair(**overrides) -> tuple[CodetteForCausalLM, Starcoder2ForCausalLM]:
     torch.manual_seed(0)
     config = build_config("codette-tiny", vocab_size=VOCAB, num_hidden_layers=2, **overrides)
     ours = CodetteForCausalLM(config).eval()
-    # Random norms and biases too, so a swapped norm or an unmapped bias cannot hide behind ones and zeros.
-    with torch.no_grad():
-        for name, param in ours.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.normal_(1.0, 0.1)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.05)
+    randomize_norms_and_biases(ours)
     # Starcoder2's config written out by hand (not through the export plan).
     reference = Starcoder2ForCausalLM(
         Starcoder2Config(

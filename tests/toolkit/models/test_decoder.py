@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import toolkit  # noqa: F401  (registers the architecture)
-from tests.toolkit.models.conventions import assert_checkpointing_keeps_gradients
+from tests.toolkit.models.conventions import assert_checkpointing_keeps_gradients, randomize_norms_and_biases
 from toolkit.models import build_config
 from toolkit.models.decoder import DecoderForCausalLM
 
@@ -19,11 +19,7 @@ def make_pair(**overrides):
     torch.manual_seed(0)
     config = build_config("decoder-tiny", vocab_size=512, num_hidden_layers=2, **overrides)
     ours = DecoderForCausalLM(config).eval()
-    # Random norms too, so a swapped norm or a missing weight cannot hide behind all-ones.
-    with torch.no_grad():
-        for name, param in ours.named_parameters():
-            if "norm" in name:
-                param.normal_(1.0, 0.1)
+    randomize_norms_and_biases(ours)
     llama_config = LlamaConfig(
         **{k: v for k, v in config.to_dict().items() if k in LlamaConfig.__dataclass_fields__}
     )

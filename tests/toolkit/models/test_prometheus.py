@@ -5,7 +5,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import toolkit  # noqa: F401  (registers the architecture)
-from tests.toolkit.models.conventions import assert_checkpointing_keeps_gradients
+from tests.toolkit.models.conventions import assert_checkpointing_keeps_gradients, randomize_norms_and_biases
 from toolkit.models import build_config, count_parameters
 from toolkit.models.prometheus import PrometheusForCausalLM
 
@@ -42,13 +42,7 @@ def make_pair(**overrides):
     torch.manual_seed(0)
     config = build_config("prometheus-tiny", vocab_size=VOCAB, num_hidden_layers=2, **overrides)
     ours = PrometheusForCausalLM(config).eval()
-    # Random norms and biases too, so a swapped norm or an unmapped bias cannot hide behind ones and zeros.
-    with torch.no_grad():
-        for name, param in ours.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                param.normal_(1.0, 0.1)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.05)
+    randomize_norms_and_biases(ours)
     gpt2 = GPT2LMHeadModel(
         GPT2Config(
             vocab_size=VOCAB,

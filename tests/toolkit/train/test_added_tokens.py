@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoConfig, AutoTokenizer
 
 from export.tokenizer_gguf import CONTROL, UNUSED
-from tests.toolkit.train.test_runner import TINY, head
+from tests.toolkit.train.test_runner import tiny_recipe
 from toolkit import recipe as recipes
 from toolkit.errors import RecipeError
 from toolkit.train import run
@@ -21,42 +21,17 @@ SHORT = {"max_steps": 3, "per_device_train_batch_size": 4, "max_length": 64, "lo
 
 
 def added_tokens_recipe(tmp: Path) -> dict:
-    corpus = head("data/corpus/train.jsonl", 200, tmp / "corpus.jsonl")
-    return {
-        "name": "added",
-        "output_dir": str(tmp / "run"),
-        "seed": 0,
-        "stages": [
-            {
-                "name": "tok",
-                "method": "tokenizer",
-                "data": {"sources": [corpus]},
-                "tokenizer": {"vocab_size": 400},
-            },
-            {
-                "name": "pretrain",
-                "method": "pretrain",
-                # Added to a fresh model: the embedding is built at the padded size.
-                "model": {
-                    "preset": "decoder-tiny",
-                    "config": TINY,
-                    "add_special_tokens": ["<tool>", "</tool>"],
-                    "pad_vocab_to_multiple_of": 64,
-                },
-                "data": {"sources": [corpus]},
-                "train": SHORT,
-            },
-            {
-                "name": "sft",
-                "method": "sft",
-                # Added to a trained model: its embedding is resized.
-                "model": {"add_special_tokens": ["<perspective>"], "pad_vocab_to_multiple_of": 64},
-                "data": {"sources": [head("data/sft/train.jsonl", 40, tmp / "sft.jsonl")]},
-                "train": SHORT,
-            },
-            {"name": "gguf", "method": "export", "export": {"quant": "q8_0"}},
-        ],
-    }
+    """The runner test's tiny recipe, shortened: tokens added to a fresh model (its embedding is built at the
+    padded size) and to a trained one (its embedding is resized), then a GGUF."""
+    raw = tiny_recipe(tmp)
+    tok, pretrain, sft, _ = raw["stages"]
+    pretrain["model"].update(add_special_tokens=["<tool>", "</tool>"], pad_vocab_to_multiple_of=64)
+    sft["model"] = {"add_special_tokens": ["<perspective>"], "pad_vocab_to_multiple_of": 64}
+    del sft["eval"]
+    for stage in (pretrain, sft):
+        stage["train"] = SHORT
+    raw["stages"] = [tok, pretrain, sft, {"name": "gguf", "method": "export", "export": {"quant": "q8_0"}}]
+    return raw
 
 
 @pytest.fixture(scope="module")
