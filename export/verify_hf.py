@@ -10,7 +10,11 @@ The source model runs here (the toolkit registered); the exported folder runs in
   reported as `dtype_rounding_max_abs`, without a bound,
 - a greedy continuation of the conversation (identical tokens),
 - the class that loaded (the native architecture for a rewrite, a `transformers_modules` class for remote
-  code) and that the project was not importable.
+  code) and that the project was not importable,
+- that every checkpoint tensor name matched a parameter of that class and none was missing (vLLM's loaders
+  refuse unknown names where transformers only warns),
+- for remote code, the logits of the prompts packed into one sequence and run the way vLLM's Transformers
+  backend runs a model (`clean_load.backend_logits`): max |delta| <= 1e-5.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ CHILD = Path(__file__).with_name("clean_load.py")
 CHILD_TIMEOUT_S = 600
 
 
-def run_clean(folder: Path, *, remote_code: bool, adapter: Path | None = None) -> dict[str, Any]:
-    """What `folder` (plus `adapter`) computes in a fresh interpreter that cannot import forge-toolkit."""
+def run_clean(
+    folder: Path, *, remote_code: bool, adapter: Path | None = None, transformers_backend: bool = False
+) -> dict[str, Any]:
+    """What `folder` (plus `adapter`) computes in a fresh interpreter that cannot import forge-toolkit; with
+    `transformers_backend`, also as vLLM's Transformers backend would run it."""
     import torch
 
     with tempfile.TemporaryDirectory(prefix="clean-load-") as tmp:
@@ -47,6 +54,7 @@ def run_clean(folder: Path, *, remote_code: bool, adapter: Path | None = None) -
             "prompts": PROMPTS,
             "conversation": CONVERSATION,
             "greedy_tokens": GREEDY_TOKENS,
+            "transformers_backend": transformers_backend,
             "out": str(Path(tmp) / "result.pt"),
         }
         (Path(tmp) / "request.json").write_text(json.dumps(request))
@@ -119,17 +127,23 @@ def _check(measure: str, value: float, op: str, bound: float) -> dict[str, Any]:
     return {"measure": measure, "value": value, "bound": f"{op} {bound:g}", "ok": bool(ok)}
 
 
+def max_abs_delta(expected: list[Any], actual: list[Any]) -> float:
+    """Largest |difference| between two lists of logit tensors; infinite when their shapes differ."""
+    if not all(a.shape == b.shape for a, b in zip(expected, actual, strict=True)):
+        return float("inf")
+    return max(float((a - b).abs().max()) for a, b in zip(expected, actual, strict=True))
+
+
 def compare(source: dict[str, Any], exported: dict[str, Any], expected_class: str) -> dict[str, Any]:
     """Checks of `exported` (from `run_clean`) against `source` (from `reference`), each with its bound;
     `expected_class` is a regex the loaded class's dotted name must match."""
-    same_shapes = all(a.shape == b.shape for a, b in zip(source["logits"], exported["logits"], strict=True))
-    delta = (
-        max(float((a - b).abs().max()) for a, b in zip(source["logits"], exported["logits"], strict=True))
-        if same_shapes
-        else float("inf")
-    )
     checks = [
-        _check("max_abs_logit_delta", delta, "<=", MAX_ABS_LOGIT_DELTA),
+        _check(
+            "max_abs_logit_delta",
+            max_abs_delta(source["logits"], exported["logits"]),
+            "<=",
+            MAX_ABS_LOGIT_DELTA,
+        ),
         _check("greedy_identical", float(source["greedy"] == exported["greedy"]), "==", 1.0),
         _check("tokenization_identical", float(source["ids"] == exported["ids"]), "==", 1.0),
         _check("chat_template_identical", float(source["chat_ids"] == exported["chat_ids"]), "==", 1.0),
@@ -140,9 +154,16 @@ def compare(source: dict[str, Any], exported: dict[str, Any], expected_class: st
             1.0,
         ),
         _check("loads_without_forge_toolkit", float(not exported["project_importable"]), "==", 1.0),
+        _check("checkpoint_names_match", float(not exported["loading_problems"]), "==", 1.0),
     ]
+    if exported["backend_logits"] is not None or exported["backend_error"]:
+        backend = exported["backend_logits"]
+        delta = float("inf") if backend is None else max_abs_delta(source["logits"], backend)
+        checks.append(_check("transformers_backend_max_abs_logit_delta", delta, "<=", MAX_ABS_LOGIT_DELTA))
     return {
         "loaded_class": exported["loaded_class"],
+        "loading_problems": exported["loading_problems"],
+        "transformers_backend_error": exported["backend_error"],
         "expected_class": expected_class,
         "greedy_tokens": GREEDY_TOKENS,
         "measures": {c["measure"]: c["value"] for c in checks}
@@ -172,7 +193,9 @@ def verify_folder(
         if source_adapter and (source_adapter / "tokenizer.json").exists()
         else None,
     )
-    exported = run_clean(folder, remote_code=remote_code, adapter=adapter)
+    exported = run_clean(
+        folder, remote_code=remote_code, adapter=adapter, transformers_backend=remote_code and adapter is None
+    )
     return compare(source, exported, expected_class)
 
 
@@ -189,4 +212,8 @@ def markdown_table(section: dict[str, Any], title: str) -> str:
             f"| {check['measure']} | {check['value']:.3g} | {check['bound']} | {'yes' if check['ok'] else 'NO'} |"
         )
     lines.append(f"| dtype_rounding_max_abs | {section['measures']['dtype_rounding_max_abs']:.3g} | - | - |")
+    for problem in section.get("loading_problems") or ():
+        lines.append(f"\ncheckpoint: {problem}")
+    if section.get("transformers_backend_error"):
+        lines.append(f"\nTransformers backend: {section['transformers_backend_error']}")
     return "\n".join(lines)

@@ -63,6 +63,8 @@ def test_native_rewrite_matches_in_llama_for_causal_lm(run, native, tmp_path):
     assert section["measures"]["max_abs_logit_delta"] <= 1e-5
     assert section["measures"]["greedy_identical"] == 1.0
     assert section["measures"]["loads_without_forge_toolkit"] == 1.0
+    assert section["measures"]["checkpoint_names_match"] == 1.0 and section["loading_problems"] == []
+    assert "transformers_backend_max_abs_logit_delta" not in section["measures"]  # vLLM runs Llama natively
 
 
 def test_generation_config_lists_every_end_of_turn_token(run, native):
@@ -93,6 +95,7 @@ def test_remote_code_folder_loads_without_forge_toolkit(run, tmp_path):
     assert section["loaded_class"].startswith("transformers_modules.")
     assert section["measures"]["max_abs_logit_delta"] <= 1e-5
     assert section["measures"]["loads_without_forge_toolkit"] == 1.0
+    assert section["measures"]["transformers_backend_max_abs_logit_delta"] <= 1e-5
     assert "--trust-remote-code" in serve_command(result.path, gpus=0)
 
 
