@@ -7,7 +7,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test test-gpu lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,14 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
+
+# On a machine with a CUDA GPU: vLLM's own checks, in a separate environment because vLLM brings its own CUDA
+# build of torch and pins transformers (the CPU .venv stays as it is).
+GPU_VENV ?= .venv-gpu
+test-gpu:
+	test -x $(GPU_VENV)/bin/python || python3 -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q -e '.[dev,gpu]'
+	$(GPU_VENV)/bin/python -m pytest -q -m gpu -rs
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

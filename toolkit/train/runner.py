@@ -34,7 +34,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from toolkit.errors import RecipeError, ToolkitError
 from toolkit.io import write_json, write_text
-from toolkit.recipe import METHODS, Recipe, Stage, import_object
+from toolkit.recipe import METHODS, Recipe, Stage, import_object, trainer_fields
 from toolkit.train.callbacks import MetricsCallback, plot_metrics
 
 # Which trainer runs a method, and whether it needs a frozen reference copy of the model.
@@ -84,17 +84,24 @@ def distributed_state() -> PartialState:
     return PartialState(cpu=cpu_only())
 
 
-def device_defaults() -> dict[str, Any]:
-    """Trainer settings that depend on the hardware, applied under the recipe's own `train:` keys.
+# Activation checkpointing's trainer argument: transformers 5.2x renamed `gradient_checkpointing` (kept as a
+# deprecated alias that yields to the new name), earlier 5.x releases have only the old name.
+CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")
+
+
+def device_defaults(fields: set[str]) -> dict[str, Any]:
+    """Trainer settings that depend on the hardware, applied under the recipe's own `train:` keys; `fields`
+    are the trainer config's field names.
 
     TRL defaults to bf16 and activation checkpointing, which only slow a CPU down; on a GPU both stay.
     """
     if torch.cuda.is_available():
         return {"bf16": torch.cuda.is_bf16_supported()}
+    checkpointing = next(key for key in CHECKPOINTING_KEYS if key in fields)
     return {
         "bf16": False,
         "fp16": False,
-        "activation_checkpointing": False,
+        checkpointing: False,
         "dataloader_pin_memory": False,
         "use_cpu": cpu_only(),
     }
@@ -322,13 +329,17 @@ def _load_data(stage: Stage, seed: int) -> tuple[Any, Any]:
 
 def _trainer_args(stage: Stage, recipe: Recipe, stage_dir: Path, tokenizer: PreTrainedTokenizerBase) -> Any:
     method = METHODS[stage.method]
+    defaults = device_defaults(trainer_fields(stage.method))
+    if any(key in stage.train for key in CHECKPOINTING_KEYS):
+        # The recipe decides, under either name: a default under the other name would override it.
+        defaults = {key: value for key, value in defaults.items() if key not in CHECKPOINTING_KEYS}
     values: dict[str, Any] = {
         "logging_steps": 10,
         "save_strategy": "steps",
         "save_steps": 500,
         "save_total_limit": 2,
         "report_to": "none",
-        **device_defaults(),
+        **defaults,
         **method.defaults,
     }
     if stage.method == "sft":

@@ -10,6 +10,7 @@ from toolkit import recipe as recipes
 from toolkit.errors import ToolkitError
 from toolkit.train import run
 from toolkit.train.callbacks import read_metrics
+from toolkit.train.runner import CHECKPOINTING_KEYS, _trainer_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration_test]
 
@@ -165,3 +166,22 @@ def test_failed_stage_keeps_earlier_stages_and_resume_finishes(tmp_path):
     raw["stages"][3]["data"]["sources"] = [head("data/preference/train.jsonl", 50, tmp_path / "p.jsonl")]
     results = run(recipes.parse(raw), resume=True)
     assert [r.skipped for r in results] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("key", [None, *CHECKPOINTING_KEYS])
+def test_recipe_decides_activation_checkpointing_under_either_name(tmp_path, key):
+    """Off by default on a CPU; a recipe that asks for it gets it, whichever of the two names it uses (the
+    default must not sit under the other name and win)."""
+    fields = recipes.trainer_fields("pretrain")
+    if key and key not in fields:
+        pytest.skip(f"this transformers release has no `{key}`")
+    raw = tiny_recipe(tmp_path)
+    stage = raw["stages"][1]
+    if key:
+        stage["train"][key] = True
+    recipe = recipes.parse(raw)
+    args = _trainer_args(recipe.stages[1], recipe, tmp_path / "stage", tokenizer=None)
+    enabled = (
+        args.activation_checkpointing if "activation_checkpointing" in fields else args.gradient_checkpointing
+    )
+    assert enabled is (key is not None)
