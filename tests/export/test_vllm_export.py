@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -193,6 +196,35 @@ def test_cli_prints_the_serve_command(native, capsys):
 
     assert main(["serve", str(native)]) == 0
     assert capsys.readouterr().out.startswith(f"vllm serve {native.resolve()} ")
+
+
+def test_serve_run_executes_the_printed_command(native, tmp_path):
+    """`--run` replaces the process with exactly the command it printed; without vllm it says how to get it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "vllm"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "argv.txt"}\n')
+    fake.chmod(0o755)
+    code = f"from toolkit.cli import main; raise SystemExit(main(['serve', {str(native)!r}, '--run']))"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    argv = serve_command(native, gpus=0)
+    assert proc.stdout.strip() == shlex.join(argv)
+    assert (tmp_path / "argv.txt").read_text().splitlines() == argv[1:]
+
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "PATH": str(tmp_path / "empty")},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and "vllm is not installed here" in proc.stderr
 
 
 @pytest.mark.gpu
