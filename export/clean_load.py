@@ -14,6 +14,7 @@ With `transformers_backend` set, the folder also runs the way vLLM's Transformer
 """
 
 import importlib.abc
+import inspect
 import itertools
 import json
 import sys
@@ -112,7 +113,8 @@ def packed_causal_attention(
 
 def backend_model(folder: str, remote: bool) -> tuple:
     """The folder's base model and LM head as vLLM's Transformers backend builds them: `AutoModel` from the
-    config with `_attn_implementation = "vllm"`; checkpoint names mapped as the backend maps them
+    config with `_attn_implementation = "vllm"`; a decoder (`get_decoder()`) whose forward takes `input_ids`,
+    `inputs_embeds` and `position_ids`; checkpoint names mapped as the backend maps them
     (`<base_model_prefix>.` to the base model, `lm_head.` to its own head, tied to the input embedding when the
     config says so) and loaded strictly; the embedding as wide as `vocab_size`."""
     import torch
@@ -125,6 +127,13 @@ def backend_model(folder: str, remote: bool) -> tuple:
     text._attn_implementation = "vllm"
     base = AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=remote).eval()
     base.set_input_embeddings(base.get_input_embeddings())  # the backend swaps in its own embedding
+    # The backend compiles the decoder with these arguments marked dynamic, and refuses a forward without them.
+    decoder = type(base.get_decoder())
+    missing = {"input_ids", "inputs_embeds", "position_ids"} - set(
+        inspect.signature(decoder.forward).parameters
+    )
+    if missing:
+        raise RuntimeError(f"{decoder.__name__}.forward lacks {', '.join(sorted(missing))}")
 
     tensors = {}
     for path in sorted(Path(folder).glob("*.safetensors")):

@@ -1,7 +1,7 @@
 """The clean-process checks of an exported HF folder catch what would break vLLM while transformers still
 loads: checkpoint names without a parameter, and models that break the Transformers backend's contract
-(keyword arguments not passed down to attention, positions not read from `position_ids`, key/value heads
-repeated before the attention function)."""
+(keyword arguments not passed down to attention, positions not read from `position_ids`, a decoder forward
+without the arguments vLLM compiles, key/value heads repeated before the attention function)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,25 @@ def test_positions_must_come_from_position_ids(remote, source, tmp_path):
     section = compare(source, run_clean(edited, remote_code=True, transformers_backend=True), ANY_CLASS)
     assert section["measures"]["max_abs_logit_delta"] <= 1e-5  # one prompt at a time hides it
     assert section["measures"]["transformers_backend_max_abs_logit_delta"] > 1e-3
+    assert not section["ok"]
+
+
+def test_decoder_forward_must_name_the_compiled_arguments(remote, source, tmp_path):
+    """vLLM marks `input_ids`, `inputs_embeds` and `position_ids` of the decoder's forward dynamic for
+    compilation and refuses a forward that does not name them, even one that computes the same."""
+    wrapper = (
+        "\n\n_forward = DecoderModel.forward\n\n\n"
+        "def _narrow(self, input_ids=None, attention_mask=None, **kwargs):\n"
+        "    return _forward(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)\n\n\n"
+        "DecoderModel.forward = _narrow\n"
+    )
+    text = (remote / "modeling_decoder.py").read_text()
+    edited = _edited_copy(remote, tmp_path, text, text + wrapper)
+    section = compare(source, run_clean(edited, remote_code=True, transformers_backend=True), ANY_CLASS)
+    assert section["measures"]["max_abs_logit_delta"] <= 1e-5
+    assert section["transformers_backend_error"] == (
+        "RuntimeError: DecoderModel.forward lacks inputs_embeds, position_ids"
+    )
     assert not section["ok"]
 
 
