@@ -183,10 +183,16 @@ def backend_logits(folder: str, rows: list[list[int]], remote: bool) -> list:
         index: AttentionLayer(heads, kv_heads, size, len(rows), step)
         for index in range(text.num_hidden_layers)
     }
-    done = [max(1, len(row) - DECODE_STEPS) for row in rows]
-    chunks = [(index, range(0, done[index])) for index in range(len(rows))]  # prefill
+    prefill = [max(1, len(row) - DECODE_STEPS) for row in rows]
+    # Each step: (row, its positions in this step); the prefill step, then one decode step per kept-back token.
+    steps = [[(index, range(prefill[index])) for index in range(len(rows))]]
+    for offset in range(DECODE_STEPS):
+        decoding = [
+            (i, range(p + offset, p + offset + 1)) for i, p in enumerate(prefill) if p + offset < len(rows[i])
+        ]
+        steps += [decoding] if decoding else []
     logits: list[list] = [[] for _ in rows]
-    while chunks:
+    for chunks in steps:
         ends = list(itertools.accumulate(len(positions) for _, positions in chunks))
         step["spans"] = [
             (index, end - len(positions), end) for (index, positions), end in zip(chunks, ends, strict=True)
@@ -204,12 +210,6 @@ def backend_logits(folder: str, rows: list[list[int]], remote: bool) -> list:
             packed = outputs[0][0] @ head.T
         for index, start, end in step["spans"]:
             logits[index].append(packed[start:end])
-        chunks = [
-            (index, range(done[index], done[index] + 1))
-            for index in range(len(rows))
-            if done[index] < len(rows[index])
-        ]
-        done = [d + 1 if d < len(row) else d for d, row in zip(done, rows, strict=True)]
     return [torch.cat(parts) for parts in logits]
 
 
