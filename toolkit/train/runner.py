@@ -89,22 +89,19 @@ def distributed_state() -> PartialState:
 CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")
 
 
-def device_defaults(fields: set[str]) -> dict[str, Any]:
+def device_defaults(fields: set[str], train: dict[str, Any]) -> dict[str, Any]:
     """Trainer settings that depend on the hardware, applied under the recipe's own `train:` keys; `fields`
     are the trainer config's field names.
 
-    TRL defaults to bf16 and activation checkpointing, which only slow a CPU down; on a GPU both stay.
+    TRL defaults to bf16 and activation checkpointing, which only slow a CPU down; on a GPU both stay. A recipe
+    that names checkpointing under either name decides it: a default under the other name would override it.
     """
     if torch.cuda.is_available():
         return {"bf16": torch.cuda.is_bf16_supported()}
-    checkpointing = next(key for key in CHECKPOINTING_KEYS if key in fields)
-    return {
-        "bf16": False,
-        "fp16": False,
-        checkpointing: False,
-        "dataloader_pin_memory": False,
-        "use_cpu": cpu_only(),
-    }
+    defaults = {"bf16": False, "fp16": False, "dataloader_pin_memory": False, "use_cpu": cpu_only()}
+    if not any(key in train for key in CHECKPOINTING_KEYS):
+        defaults[next(key for key in CHECKPOINTING_KEYS if key in fields)] = False
+    return defaults
 
 
 def environment() -> dict[str, Any]:
@@ -329,17 +326,13 @@ def _load_data(stage: Stage, seed: int) -> tuple[Any, Any]:
 
 def _trainer_args(stage: Stage, recipe: Recipe, stage_dir: Path, tokenizer: PreTrainedTokenizerBase) -> Any:
     method = METHODS[stage.method]
-    defaults = device_defaults(trainer_fields(stage.method))
-    if any(key in stage.train for key in CHECKPOINTING_KEYS):
-        # The recipe decides, under either name: a default under the other name would override it.
-        defaults = {key: value for key, value in defaults.items() if key not in CHECKPOINTING_KEYS}
     values: dict[str, Any] = {
         "logging_steps": 10,
         "save_strategy": "steps",
         "save_steps": 500,
         "save_total_limit": 2,
         "report_to": "none",
-        **defaults,
+        **device_defaults(trainer_fields(stage.method), stage.train),
         **method.defaults,
     }
     if stage.method == "sft":
