@@ -151,21 +151,11 @@ def save_preset_model(
     """A two-layer model of a toolkit `preset` (its widths), with a `style` tokenizer, saved to `out_dir`."""
     from transformers import AutoModelForCausalLM
 
-    from toolkit.models import build_config, register_auto_classes
+    from tests.export.vllm_helpers import preset_config
 
-    register_auto_classes()
     tokenizer = train_tokenizer(style, out_dir)
     torch.manual_seed(0)
-    config = build_config(
-        preset,
-        vocab_size=len(tokenizer),
-        num_hidden_layers=2,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        **overrides,
-    )
+    config = preset_config(preset, tokenizer, 2, **overrides)
     return finish_model(AutoModelForCausalLM.from_config(config), tokenizer, out_dir, train)
 
 

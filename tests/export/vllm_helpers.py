@@ -52,26 +52,33 @@ def make_tokenizer(folder: Path) -> Any:
     return train_tokenizer([str(corpus)], vocab_size=320, out_dir=folder, min_frequency=1)
 
 
+def preset_config(preset: str, tokenizer: Any, num_hidden_layers: int, **overrides: Any) -> Any:
+    """A small config of a toolkit `preset` (its widths; `num_hidden_layers`, 256 positions) sized to
+    `tokenizer`'s vocabulary and special ids, with the toolkit's architectures registered."""
+    from toolkit.models import build_config, register_auto_classes
+
+    register_auto_classes()
+    return build_config(
+        preset,
+        vocab_size=len(tokenizer),
+        num_hidden_layers=num_hidden_layers,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **overrides,
+    )
+
+
 def make_model(folder: Path, tokenizer: Any, seed: int = 0, preset: str = "decoder-tiny") -> Path:
     """A one-layer model of `preset` with `tokenizer`, saved to `folder` with an end-of-turn generation
     config."""
     from transformers import AutoModelForCausalLM
 
     from eval.accuracy import end_of_turn_ids
-    from toolkit.models import build_config, register_auto_classes
 
-    register_auto_classes()
     torch.manual_seed(seed)
-    config = build_config(
-        preset,
-        vocab_size=len(tokenizer),
-        num_hidden_layers=1,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(preset_config(preset, tokenizer, 1)).eval()
     model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
