@@ -18,7 +18,7 @@ class CodetteConfig(PreTrainedConfig):
     """Hyper-parameters of a `codette` model; defaults are the `codette-tiny` preset."""
 
     model_type = "codette"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",

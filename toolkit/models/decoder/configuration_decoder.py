@@ -17,7 +17,7 @@ class DecoderConfig(PreTrainedConfig):
     """Hyper-parameters of a `decoder` model; defaults are the `decoder-tiny` preset."""
 
     model_type = "decoder"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",

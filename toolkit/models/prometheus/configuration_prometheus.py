@@ -16,7 +16,7 @@ class PrometheusConfig(PreTrainedConfig):
     """Hyper-parameters of a `prometheus` model; defaults are the `prometheus-tiny` preset."""
 
     model_type = "prometheus"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     vocab_size: int = 4096
     hidden_size: int = 256
