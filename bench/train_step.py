@@ -16,7 +16,6 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-import toolkit  # noqa: F401
 from toolkit.models import build_config
 from toolkit.models.decoder import DecoderForCausalLM
 

@@ -42,7 +42,7 @@ from export.vllm import (
 )
 from toolkit.errors import ExportError, ToolkitError, nearest
 from toolkit.models.plans import Config
-from toolkit.models.registry import ARCHITECTURES, PRESETS, build_config, meta_model
+from toolkit.models.registry import ARCHITECTURES, PRESETS, build_config, meta_model, register_auto_classes
 
 # Target key -> what the table calls it, in the order they are checked.
 TARGETS = {
@@ -143,6 +143,7 @@ def _resolve(name: str) -> tuple[str, Config, Shapes, str]:
     config = json.loads((folder / "config.json").read_text())
     if any(folder.glob("*.safetensors")):
         return config.get("model_type", "?"), config, Checkpoint.scan(folder).shapes(), f"folder {folder}"
+    register_auto_classes()  # a toolkit architecture's config.json needs its config class
     try:
         loaded = AutoConfig.from_pretrained(folder)
     except (ValueError, KeyError) as error:

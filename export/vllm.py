@@ -432,7 +432,9 @@ def export_vllm(
     anything is written. `export_report.json` in the folder holds the form and the measured parity.
     """
     from export.verify_hf import verify_folder
+    from toolkit.models import register_auto_classes
 
+    register_auto_classes()  # the source's config and tokenizer are read through the Auto classes
     started = time.perf_counter()
     source = resolve_source(src, prompts=_prompts())
     try:

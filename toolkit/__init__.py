@@ -1,12 +1,9 @@
 """forge-toolkit: build, fine-tune and ship language models on the Hugging Face stack.
 
-Importing the package makes the transformers Auto classes resolve the toolkit's architectures (at once when
-transformers' Auto classes are already loaded, otherwise as soon as they are) and imports nothing heavy: torch
-and the modelling code load only when something uses them.
+Importing the package imports nothing heavy (no torch, no modelling code), so commands that need no model
+start in a fraction of a second. `toolkit.models.register_auto_classes()` makes transformers' Auto classes
+resolve the toolkit's architectures; every command, the recipe runner and the exporters call it before they
+build or load a model, and so does importing a model class from `toolkit.models`.
 """
-
-from toolkit.models import autoregister as _autoregister
-
-_autoregister.install()
 
 __version__ = "0.1.0"

@@ -16,9 +16,10 @@ from typing import Any
 def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success rename it onto `target`, on error remove it.
 
-    Beside, not in /tmp: a rename is atomic only within one filesystem.
+    Beside, not in /tmp: a rename is atomic only within one filesystem. The temporary path is absolute, so that
+    it names the same place for a process started elsewhere (a verification subprocess, say).
     """
-    target = Path(target)
+    target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import toolkit  # noqa: F401
 from eval.accuracy import answer_nll, answer_spans, score_answers
 from toolkit.data.tokenizer import train_tokenizer
 from toolkit.models import build_config

@@ -4,7 +4,6 @@ import math
 
 import torch
 
-import toolkit  # noqa: F401
 from eval.perplexity import perplexity
 from toolkit.data.tokenizer import train_tokenizer
 from toolkit.models import build_config

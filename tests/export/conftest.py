@@ -115,7 +115,6 @@ def save_model(
         Qwen2ForCausalLM,
     )
 
-    import toolkit  # noqa: F401
     from toolkit.models import DecoderForCausalLM, build_config
 
     tokenizer = train_tokenizer(style, out_dir)

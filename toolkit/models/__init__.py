@@ -1,9 +1,10 @@
 """Model architectures and their presets: the table every command reads.
 
 Importing this package imports no modelling code (nor torch): each architecture names its classes by import
-path, and the model classes below (`DecoderForCausalLM`, ...) are imported on first access.
-`register_auto_classes()` makes the transformers Auto classes resolve them; `import toolkit` sees to it once
-transformers' Auto classes are in use.
+path, and the model classes below (`DecoderForCausalLM`, ...) are imported on first access, which also
+registers every architecture with the Auto classes. In your own code, call `register_auto_classes()` before
+`AutoModelForCausalLM.from_pretrained` on a folder of a toolkit architecture (or export it with
+`toolkit export vllm --form remote-code`, which needs no toolkit at all).
 """
 
 from toolkit.models.registry import (
@@ -136,7 +137,7 @@ register_architecture(
     ],
 )
 
-# The model classes, importable from here as before; each is loaded on first access.
+# The model classes, importable from here; each is loaded on first access, with the Auto classes registered.
 __getattr__ = lazy_classes(
     __name__,
     {

@@ -3,8 +3,9 @@
 An architecture names its classes as import paths ("module:Class"), so the table can be read (presets, export
 plans, the GGUF exporter) without importing torch or any modelling code. `register_auto_classes()` imports
 them and registers each architecture with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM`, so that
-`from_pretrained` on a saved folder, `Trainer`, TRL and PEFT treat them like any Hub model; `import toolkit`
-arranges for that to happen as soon as transformers' Auto classes are in use (see toolkit/models/autoregister.py).
+`from_pretrained` on a saved folder, `Trainer`, TRL and PEFT treat them like any Hub model. It is an explicit
+call, made by everything in the toolkit that builds or loads a model, because registering imports torch and
+transformers' modelling code (seconds), which `import toolkit` does not.
 Presets are one table (as litgpt's `name_to_config`); their sizes are computed on the meta device, never
 allocated.
 """
@@ -106,11 +107,13 @@ def register_auto_classes() -> None:
 
 def lazy_classes(package: str, classes: dict[str, str]) -> Callable[[str], Any]:
     """A module `__getattr__` that imports `classes` (name -> submodule) on first access, so importing an
-    architecture's package (for its export plan) does not import its modelling code."""
+    architecture's package (for its export plan) does not import its modelling code. Whoever reaches for a
+    model class is about to use it with transformers: the Auto classes are registered first."""
 
     def __getattr__(name: str) -> Any:
         if name not in classes:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        register_auto_classes()
         return getattr(importlib.import_module(f"{package}.{classes[name]}"), name)
 
     return __getattr__

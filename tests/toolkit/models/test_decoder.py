@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import toolkit  # noqa: F401  (registers the architecture)
 from tests.toolkit.models.conventions import assert_checkpointing_keeps_gradients, randomize_norms_and_biases
 from toolkit.models import build_config
 from toolkit.models.decoder import DecoderForCausalLM

@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-import toolkit  # noqa: F401  (registers the architecture)
 from tests.toolkit.models.conventions import assert_checkpointing_keeps_gradients, randomize_norms_and_biases
 from toolkit.models import build_config, count_parameters
 from toolkit.models.prometheus import PrometheusForCausalLM
