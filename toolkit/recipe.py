@@ -18,7 +18,9 @@ from typing import Any
 
 import yaml
 
-from toolkit.errors import RecipeError, unknown_key_message
+from toolkit.errors import RecipeError, nearest, unknown_key_message
+from toolkit.models import PRESETS
+from toolkit.schema import Problems, check_values, field_types, type_problem
 
 
 class _Loader(yaml.SafeLoader):
@@ -137,17 +139,6 @@ def trainer_fields(method: str) -> set[str]:
     return {f.name for f in dataclasses.fields(import_object(config_class)) if f.init}
 
 
-def _check_keys(section: Any, valid: set[str], where: str) -> dict[str, Any]:
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise RecipeError(f"{where} must be a mapping, got {type(section).__name__}")
-    for key in section:
-        if key not in valid:
-            raise RecipeError(unknown_key_message(str(key), valid, where))
-    return section
-
-
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `dotted.key=value` overrides; values are parsed as YAML (`3`, `1e-3`, `true`, `[a, b]`).
 
@@ -178,110 +169,134 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def parse(raw: Any, source: Path | None = None, overrides: list[str] = ()) -> Recipe:
-    """Validate a recipe mapping (already read from YAML) and fill in defaults."""
-    where = str(source) if source else "recipe"
+    """Validate a recipe mapping (already read from YAML) and fill in defaults; every problem in it is
+    reported at once, each with its place."""
+    problems = Problems(str(source) if source else "recipe")
+    recipe = _parse(raw, source, overrides, problems)
+    problems.raise_if_any()
+    return recipe
+
+
+def _parse(raw: Any, source: Path | None, overrides: list[str], problems: Problems) -> Recipe:
+    where = problems.where
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a recipe is a mapping of keys, got {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides))
     if "stages" not in raw:  # a single-stage recipe: lift the stage keys into one stage
         stage_keys = {k: raw.pop(k) for k in list(raw) if k in STAGE_KEYS and k != "name"}
         raw["stages"] = [{"name": stage_keys.get("method", "train"), **stage_keys}]
-    _check_keys(raw, RECIPE_KEYS, where)
-    stages_raw = raw["stages"]
+    raw = problems.mapping(raw, RECIPE_KEYS, where)
+    stages_raw = raw.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
-        raise RecipeError(f"{where}: 'stages' must be a non-empty list")
+        problems.add(f"{where}: 'stages' must be a non-empty list")
+        stages_raw = []
     name = raw.get("name") or (source.stem if source else None)
     if not name:
-        raise RecipeError(f"{where}: the recipe needs a 'name'")
+        problems.add(f"{where}: the recipe needs a 'name'")
     stages: list[Stage] = []
     for index, stage_raw in enumerate(stages_raw):
-        stages.append(_parse_stage(stage_raw, index, stages, where))
+        stage = _parse_stage(stage_raw, index, stages, where, problems)
+        if stage is not None:
+            stages.append(stage)
+    seed = raw.get("seed", 42)
+    if type_problem(seed, int):
+        problems.add(f"{where}: seed is {seed!r}; expected a whole number")
+        seed = 42
     return Recipe(
         name=str(name),
         output_dir=Path(raw.get("output_dir") or Path("runs") / str(name)),
-        seed=int(raw.get("seed", 42)),
+        seed=int(seed),
         stages=stages,
         source=source,
         description=str(raw.get("description", "")),
     )
 
 
-def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str) -> Stage:
+def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str, problems: Problems) -> Stage | None:
     if not isinstance(raw, dict):
-        raise RecipeError(f"{where}: stages[{index}] must be a mapping")
+        problems.add(f"{where}: stages[{index}] must be a mapping")
+        return None
     method = raw.get("method")
     label = f"stages[{index}]" + (f" ({raw['name']})" if "name" in raw else "")
     if method not in METHODS:
         if method is None:
-            raise RecipeError(f"{where}: {label} needs a 'method' (one of: {', '.join(METHODS)})")
-        raise RecipeError(f"{where}: {unknown_key_message(str(method), METHODS, f'{label}.method')}")
+            problems.add(f"{where}: {label} needs a 'method' (one of: {', '.join(METHODS)})")
+        else:
+            problems.add(f"{where}: {unknown_key_message(str(method), METHODS, f'{label}.method')}")
+        return None
     name = str(raw.get("name", method))
     if any(s.name == name for s in earlier):
-        raise RecipeError(f"{where}: two stages are named '{name}'; give each a unique 'name'")
+        problems.add(f"{where}: two stages are named '{name}'; give each a unique 'name'")
     at = f"{where}: stages.{name}"
-    _check_keys(raw, STAGE_KEYS, at)
+    raw = problems.mapping(raw, STAGE_KEYS, at)
     stage = Stage(name=name, method=method)
     if method == "export":
-        return _parse_export_stage(stage, raw, earlier, at)
-    stage.data = dict(_check_keys(raw.get("data"), DATA_KEYS, f"{at}.data"))
-    sources = stage.data.get("sources")
-    if not sources:
-        raise RecipeError(f"{at}.data.sources: list at least one data source")
+        return _parse_export_stage(stage, raw, earlier, at, problems)
+    stage.data = problems.mapping(raw.get("data"), DATA_KEYS, f"{at}.data")
+    if not stage.data.get("sources"):
+        problems.add(f"{at}.data.sources: list at least one data source")
     for key in ("sources", "eval_sources"):  # a bare path stands for {path: ...}; one source for a list
         if key in stage.data:
             entries = stage.data[key] if isinstance(stage.data[key], list) else [stage.data[key]]
             stage.data[key] = [s if isinstance(s, dict) else {"path": s} for s in entries]
 
     if method == "tokenizer":
-        stage.tokenizer = dict(_check_keys(raw.get("tokenizer"), TOKENIZER_STAGE_KEYS, f"{at}.tokenizer"))
+        stage.tokenizer = problems.mapping(raw.get("tokenizer"), TOKENIZER_STAGE_KEYS, f"{at}.tokenizer")
         stage.tokenizer.setdefault("vocab_size", 4096)
         for key in ("model", "train", "peft", "eval"):
             if raw.get(key):
-                raise RecipeError(f"{at}.{key}: a tokenizer stage takes only 'data' and 'tokenizer'")
+                problems.add(f"{at}.{key}: a tokenizer stage takes only 'data' and 'tokenizer'")
         return stage
 
-    stage.model = dict(_check_keys(raw.get("model"), MODEL_KEYS, f"{at}.model"))
+    stage.model = problems.mapping(raw.get("model"), MODEL_KEYS, f"{at}.model")
     trained = _training_stages(earlier)
     sources = [k for k in ("preset", "path", "from") if k in stage.model]
     if len(sources) > 1:
-        raise RecipeError(f"{at}.model: give one of preset/path/from, not {' and '.join(sources)}")
+        problems.add(f"{at}.model: give one of preset/path/from, not {' and '.join(sources)}")
     if not sources:
         if not trained:
-            raise RecipeError(f"{at}.model: the first training stage needs 'preset' or 'path'")
-        stage.model["from"] = trained[-1]  # by default each stage continues from the previous one
+            problems.add(f"{at}.model: the first training stage needs 'preset' or 'path'")
+        else:
+            stage.model["from"] = trained[-1]  # by default each stage continues from the previous one
     if "from" in stage.model and stage.model["from"] not in trained:
-        raise RecipeError(
+        problems.add(
             f"{at}.model.from: '{stage.model['from']}' is not an earlier training stage "
             f"(earlier: {', '.join(trained) or 'none'})"
         )
+    if "preset" in stage.model and stage.model["preset"] not in PRESETS:
+        guess = nearest(str(stage.model["preset"]), PRESETS)
+        hint = f" (did you mean '{guess}'?)" if guess else ""
+        problems.add(f"{at}.model.preset: unknown preset '{stage.model['preset']}'{hint}")
     added = stage.model.get("add_special_tokens", [])
     if not isinstance(added, list) or not all(isinstance(t, str) and t for t in added):
-        raise RecipeError(f"{at}.model.add_special_tokens: give a list of token strings, got {added!r}")
+        problems.add(f"{at}.model.add_special_tokens: give a list of token strings, got {added!r}")
     multiple = stage.model.get("pad_vocab_to_multiple_of", 1)
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-        raise RecipeError(f"{at}.model.pad_vocab_to_multiple_of: give a positive integer, got {multiple!r}")
+        problems.add(f"{at}.model.pad_vocab_to_multiple_of: give a positive integer, got {multiple!r}")
     tokenizer = raw.get("tokenizer")
     if tokenizer is None:
         tokenizer_stages = [s.name for s in earlier if s.method == "tokenizer"]
         # A fresh model from a preset needs a tokenizer; a checkpoint brings its own.
         if "preset" in stage.model:
             if not tokenizer_stages:
-                raise RecipeError(
-                    f"{at}.tokenizer: a model built from a preset needs a tokenizer path or stage"
-                )
-            tokenizer = tokenizer_stages[-1]
+                problems.add(f"{at}.tokenizer: a model built from a preset needs a tokenizer path or stage")
+            else:
+                tokenizer = tokenizer_stages[-1]
     elif not isinstance(tokenizer, str):
-        raise RecipeError(f"{at}.tokenizer: give a tokenizer folder, Hub id or tokenizer stage name")
+        problems.add(f"{at}.tokenizer: give a tokenizer folder, Hub id or tokenizer stage name")
+        tokenizer = None
     stage.tokenizer = tokenizer
 
-    valid_train = trainer_fields(method)
-    stage.train = dict(_check_keys(raw.get("train"), valid_train, f"{at}.train"))
+    config_class = import_object(METHODS[method].config_class)
+    types_ = field_types(config_class)
+    stage.train = problems.mapping(raw.get("train"), types_, f"{at}.train")
+    check_values(stage.train, types_, f"{at}.train", problems)
     if "output_dir" in stage.train:
-        raise RecipeError(f"{at}.train.output_dir: set by the runner (runs/<name>/<stage>/checkpoints)")
+        problems.add(f"{at}.train.output_dir: set by the runner (runs/<name>/<stage>/checkpoints)")
     if raw.get("peft") is not None:
-        stage.peft = _parse_peft(raw["peft"], f"{at}.peft")
+        stage.peft = _parse_peft(raw["peft"], f"{at}.peft", problems)
     if raw.get("eval") is not None:
-        stage.eval = dict(_check_keys(raw["eval"], EVAL_KEYS, f"{at}.eval"))
+        stage.eval = problems.mapping(raw["eval"], EVAL_KEYS, f"{at}.eval")
     return stage
 
 
@@ -290,43 +305,70 @@ def _training_stages(earlier: list[Stage]) -> list[str]:
     return [s.name for s in earlier if METHODS[s.method].config_class]
 
 
-def _parse_export_stage(stage: Stage, raw: dict[str, Any], earlier: list[Stage], at: str) -> Stage:
+def _parse_export_stage(
+    stage: Stage, raw: dict[str, Any], earlier: list[Stage], at: str, problems: Problems
+) -> Stage:
     """An export stage takes the model of an earlier training stage (by default the last one)."""
     for key in ("data", "train", "peft", "tokenizer"):
         if raw.get(key):
-            raise RecipeError(f"{at}.{key}: an export stage takes only 'model', 'export' and 'eval'")
-    model = _check_keys(raw.get("model"), {"from"}, f"{at}.model")
+            problems.add(f"{at}.{key}: an export stage takes only 'model', 'export' and 'eval'")
+    model = problems.mapping(raw.get("model"), {"from"}, f"{at}.model")
     trained = _training_stages(earlier)
     source = model.get("from") or (trained[-1] if trained else None)
     if source not in trained:
-        raise RecipeError(
+        problems.add(
             f"{at}.model.from: export needs an earlier training stage (earlier: {', '.join(trained) or 'none'})"
         )
     stage.model = {"from": source}
     stage.export = {
         "quant": "q8_0",
         "verify": True,
-        **_check_keys(raw.get("export"), EXPORT_KEYS, f"{at}.export"),
+        **problems.mapping(raw.get("export"), EXPORT_KEYS, f"{at}.export"),
     }
     if raw.get("eval") is not None:
-        stage.eval = dict(_check_keys(raw["eval"], EVAL_KEYS, f"{at}.eval"))
+        stage.eval = problems.mapping(raw["eval"], EVAL_KEYS, f"{at}.eval")
     return stage
 
 
-def _parse_peft(raw: Any, where: str) -> dict[str, Any]:
+def _parse_peft(raw: Any, where: str, problems: Problems) -> dict[str, Any]:
     """A `peft:` section: `method: lora` plus the fields of `peft.LoraConfig` (the schema again)."""
     from peft import LoraConfig
 
-    section = dict(_check_keys(raw, {"method"} | {f.name for f in dataclasses.fields(LoraConfig)}, where))
+    types_ = field_types(LoraConfig)
+    section = problems.mapping(raw, {"method", *types_}, where)
+    check_values({k: v for k, v in section.items() if k != "method"}, types_, where, problems)
     if section.setdefault("method", "lora") != "lora":
-        raise RecipeError(
-            f"{where}.method: only 'lora' is supported (QLoRA is lora with a 4-bit model dtype)"
-        )
+        problems.add(f"{where}.method: only 'lora' is supported (QLoRA is lora with a 4-bit model dtype)")
     return section
 
 
+def check_inputs(recipe: Recipe, problems: Problems) -> None:
+    """Report every input a recipe names that is not there, as far as that can be told without the
+    network: data files, eval files, model and tokenizer folders (a Hub id is checked when it loads)."""
+    from toolkit.data.loading import local_path_problem
+
+    stages = {s.name: s for s in recipe.stages}
+    for stage in recipe.stages:
+        at = f"{problems.where}: stages.{stage.name}"
+        for key in ("sources", "eval_sources"):
+            for i, entry in enumerate(stage.data.get(key) or []):
+                path = entry.get("path") if isinstance(entry, dict) else None
+                if isinstance(path, str) and (problem := local_path_problem(path)):
+                    problems.add(f"{at}.data.{key}[{i}]: {path}: {problem}")
+        for key in ("tasks", "perplexity"):
+            path = (stage.eval or {}).get(key)
+            if isinstance(path, str) and not Path(path).is_file():
+                problems.add(f"{at}.eval.{key}: file not found: {path}")
+        for key, value in (("model.path", stage.model.get("path")), ("tokenizer", stage.tokenizer)):
+            if not isinstance(value, str) or (key == "tokenizer" and value in stages):
+                continue
+            if problem := local_path_problem(value, folder=True):
+                problems.add(f"{at}.{key}: {value}: {problem}")
+
+
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read and validate a recipe file."""
+    """Read and validate a recipe file: its structure, and that the inputs it names exist; every problem is
+    reported at once."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
@@ -336,4 +378,8 @@ def load(path: str | Path, overrides: list[str] = ()) -> Recipe:
         mark = getattr(error, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
         raise RecipeError(f"{path}{line}: not valid YAML ({getattr(error, 'problem', error)})") from None
-    return parse(raw, source=path, overrides=overrides)
+    problems = Problems(str(path))
+    recipe = _parse(raw, path, list(overrides), problems)
+    check_inputs(recipe, problems)
+    problems.raise_if_any()
+    return recipe

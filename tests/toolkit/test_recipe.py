@@ -118,7 +118,52 @@ def test_load_reports_yaml_line_and_missing_file(tmp_path):
 
 
 def test_shipped_recipes_validate():
+    """Every shipped recipe is valid, and names only inputs that exist, or that another recipe's run makes
+    (`runs/...`)."""
     from pathlib import Path
 
     for path in sorted(Path("recipes").glob("*.yaml")):
-        recipes.load(path)
+        try:
+            recipes.load(path)
+        except RecipeError as error:
+            lines = str(error).splitlines()
+            problems = lines[1:] if len(lines) > 1 else lines
+            assert all(": runs/" in p and p.endswith("no such folder") for p in problems), str(error)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    """A misspelt key, a wrong type, an unknown preset, a missing tokenizer and missing data: one run of the
+    validator names them all, each with its place."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: r\n"
+        "stages:\n"
+        "  - name: pre\n"
+        "    method: pretrain\n"
+        "    model: {preset: decoder-tny}\n"
+        f"    data: {{sources: [{tmp_path}/missing.jsonl]}}\n"
+        "    train: {max_step: 3, learning_rate: fast, lr_scheduler_type: cosin}\n"
+        "  - name: sft\n"
+        "    method: sft\n"
+        f"    tokenizer: {tmp_path}/no-tokenizer\n"
+        "    data: {sources: [data/sft/train.jsonl]}\n"
+        "    eval: {tasks: data/eval/nothing-here.jsonl, lmit: 3}\n"
+    )
+    with pytest.raises(RecipeError) as error:
+        recipes.load(recipe)
+    lines = str(error.value).splitlines()
+    assert lines[0] == f"9 problems in {recipe}:"
+    expected = [
+        "stages.pre.model.preset: unknown preset 'decoder-tny' (did you mean 'decoder-tiny'?)",
+        "a model built from a preset needs a tokenizer path or stage",
+        "unknown key 'max_step' in",
+        "stages.pre.train.learning_rate is 'fast'; expected a number",
+        "stages.pre.train.lr_scheduler_type is 'cosin'; expected one of",
+        f"stages.pre.data.sources[0]: {tmp_path}/missing.jsonl: no such file or folder",
+        f"stages.sft.tokenizer: {tmp_path}/no-tokenizer: no such folder",
+        "stages.sft.eval.tasks: file not found: data/eval/nothing-here.jsonl",
+        "unknown key 'lmit' in",
+    ]
+    for text in expected:
+        assert any(text in line for line in lines[1:]), text
+    assert "did you mean 'cosine'?" in str(error.value) and "did you mean 'limit'?" in str(error.value)

@@ -286,6 +286,19 @@ def _dataset_rows(dataset: datasets.Dataset, label: str) -> Iterator[RawRow]:
         yield RawRow(f"{label} row {index}", row)
 
 
+def local_path_problem(path: str, folder: bool = False) -> str | None:
+    """Why `path` (a data source, or with `folder` a model or tokenizer) cannot be found, when that can be told
+    without the network: it names a local file or folder that is not there. A name that can be a Hub id is
+    left to the loader, which asks the Hub."""
+    local = Path(path).expanduser()
+    if local.is_dir() or (local.is_file() and not folder):
+        return None
+    looks_local = path.startswith(("/", ".", "~")) or (not folder and local.suffix.lower() in FILE_READERS)
+    if looks_local or not _HUB_ID.fullmatch(path):
+        return f"no such {'folder' if folder else 'file or folder'}"
+    return None
+
+
 def open_source(source: DataSource) -> tuple[Callable[[], Iterator[RawRow]], str]:
     """Where a source's rows come from: a function that reads them afresh, and an id of the content for caching."""
     path = Path(source.path).expanduser()
@@ -298,9 +311,8 @@ def open_source(source: DataSource) -> tuple[Callable[[], Iterator[RawRow]], str
             )
         stat = path.stat()
         return functools.partial(reader, source.path), f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-    looks_local = path.suffix.lower() in FILE_READERS or source.path.startswith(("/", ".", "~"))
-    if not path.is_dir() and (looks_local or not _HUB_ID.fullmatch(source.path)):
-        raise DataError(f"{source.path}: no such file or folder")
+    if problem := local_path_problem(source.path):
+        raise DataError(f"{source.path}: {problem}")
     dataset, label = _load_dataset(source)
     return functools.partial(_dataset_rows, dataset, label), dataset._fingerprint
 
