@@ -42,12 +42,16 @@ CONVERSATION = [
 ]
 GREEDY_TOKENS = 32
 
-# quant -> measure -> (comparison, bound). The agreed bounds for f32/f16/bf16/q8_0/q4_k_m; the other types'
-# bounds sit between those of their neighbours in bits per weight.
+# quant -> measure -> (comparison, bound). Float types are held to the source computed with llama.cpp's numerics
+# (EMULATED): what remains is summation order and the odd float16 rounding that it tips over, measured at
+# 1e-5 (decoder) to 1.6e-4 (GELU architectures) for f32, 1.0e-3 to 1.6e-3 for f16 and 4e-3 to 8e-3 for bf16 on
+# briefly trained tiny models, while one matrix scaled by 1.0002 (f32) or 1.005 (f16) moves them by 1.6e-3 and
+# 3e-2 (tests/export/test_llama_numerics.py). The quantized types' bounds sit between those of their
+# neighbours in bits per weight.
 BOUNDS: dict[str, dict[str, tuple[str, float]]] = {
-    "f32": {"max_abs_logit_delta": ("<=", 1e-3), "greedy_identical": ("==", 1.0)},
-    "f16": {"max_abs_logit_delta": ("<=", 5e-2)},
-    "bf16": {"max_abs_logit_delta": ("<=", 5e-2)},
+    "f32": {"max_abs_logit_delta": ("<=", 5e-4), "greedy_identical": ("==", 1.0)},
+    "f16": {"max_abs_logit_delta": ("<=", 5e-3)},
+    "bf16": {"max_abs_logit_delta": ("<=", 2.5e-2)},
     "q8_0": {"mean_kl": ("<=", 0.005)},
     "q6_k": {"mean_kl": ("<=", 0.02)},
     "q5_0": {"mean_kl": ("<=", 0.05)},
@@ -57,6 +61,8 @@ BOUNDS: dict[str, dict[str, tuple[str, float]]] = {
     "q4_1": {"mean_kl": ("<=", 0.1)},
     "q4_k_m": {"mean_kl": ("<=", 0.1)},
 }
+# Float files are compared with the source computed as llama.cpp computes it (export/llama_numerics.py).
+EMULATED = ("f32", "f16", "bf16")
 ALWAYS = {
     "file_complete": ("==", 1.0),
     "tokenization_identical": ("==", 1.0),
@@ -103,13 +109,16 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
 
 def _greedy_hf(model: Any, ids: list[int], steps: int) -> list[int]:
     import torch
+    from transformers.modeling_outputs import CausalLMOutputWithPast
 
+    # The cache's name in this transformers release (`cache` from 5.24, `past_key_values` before).
+    name = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     out, past = list(ids), None
     step_input = torch.tensor([ids])
     with torch.no_grad():
         for _ in range(steps):
-            result = model(input_ids=step_input, past_key_values=past, use_cache=True)
-            past = result.past_key_values
+            result = model(input_ids=step_input, use_cache=True, **({name: past} if past is not None else {}))
+            past = getattr(result, name)
             token = int(result.logits[0, -1].argmax())
             out.append(token)
             step_input = torch.tensor([[token]])
@@ -159,6 +168,7 @@ def verify_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from export.llama_cpp import load_for_verification, quiet
+    from export.llama_numerics import llama_cpp_numerics
     from toolkit.models import register_auto_classes
 
     register_auto_classes()  # the Auto classes resolve the toolkit's architectures
@@ -187,15 +197,29 @@ def verify_gguf(
         hf_ids = tokenizer(hf_text, add_special_tokens=False)["input_ids"]
         chat_identical = float(hf_ids == llm.tokenize(gguf_text.encode(), add_bos=False, special=True))
 
-    reference, candidate = [], []
+    def source_logits() -> list[np.ndarray]:
+        with torch.no_grad():
+            return [
+                model(input_ids=torch.tensor([tokenizer(p)["input_ids"]])).logits[0].numpy() for p in prompts
+            ]
+
+    candidate = []
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]
-        with torch.no_grad():
-            reference.append(model(input_ids=torch.tensor([ids])).logits[0].numpy())
         llm.reset()
         llm.eval(ids)
         candidate.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    measures = compare_logits(np.concatenate(reference), np.concatenate(candidate))
+    candidate_all = np.concatenate(candidate)
+    exact = compare_logits(np.concatenate(source_logits()), candidate_all)
+    emulated = None
+    if quant in EMULATED:
+        # Float files are held to the source as llama.cpp computes it (export/llama_numerics.py): what is
+        # left is the file. The difference to the exact source is reported beside it.
+        emulated = llama_cpp_numerics(model, ((job.source, job.qtype.name) for job in jobs))
+        measures = compare_logits(np.concatenate(source_logits()), candidate_all)
+        measures.update({f"{name}_exact": value for name, value in exact.items()})
+    else:
+        measures = exact
     greedy = [(_greedy_hf(model, tokenizer(p)["input_ids"], GREEDY_TOKENS), p) for p in prompts[:2]]
     measures["greedy_identical"] = float(
         all(hf == _greedy_llama(llm, tokenizer(p)["input_ids"], GREEDY_TOKENS) for hf, p in greedy)
@@ -214,7 +238,9 @@ def verify_gguf(
         "arch": plan.arch,
         "tokenizer_pre": vocab.pre,
         "prompts": len(prompts),
-        "positions": int(sum(len(r) for r in reference)),
+        "positions": int(len(candidate_all)),
+        "reference": "source with llama.cpp's numerics" if emulated else "source",
+        "llama_cpp_numerics": emulated,
         "measures": measures,
         "checks": checks,
         "file_problems": problems,

@@ -23,8 +23,8 @@ from toolkit.errors import ExportError
 IDS = NATIVE_IDS
 
 
-# f32 is checked untrained for the reason the prometheus test gives: llama.cpp's CPU GELU looks its input up
-# in a float16 table, which moves peaked logits past the 1e-3 f32 bound; q8_0 on a briefly trained model.
+# f32 untrained and bias-free, q8_0 briefly trained; trained f32/f16 files are verified in
+# tests/export/test_llama_numerics.py, against the source computed as llama.cpp computes it.
 
 
 @pytest.fixture(scope="module")
@@ -83,44 +83,7 @@ def test_gguf_runs_as_starcoder2_in_llama_cpp(request, tmp_path, fixture, quant)
     measures = result.report["measures"]
     assert measures["top1_agreement"] >= (1.0 if quant == "f32" else 0.98)
     if quant == "f32":
-        assert measures["max_abs_logit_delta"] <= 1e-3
-
-
-class Float16GeluTable(torch.nn.Module):
-    """What llama.cpp's CPU `ggml_gelu` computes: the tanh GELU of the input rounded to float16, looked up
-    in a float16 table."""
-
-    def __init__(self, act: torch.nn.Module) -> None:
-        super().__init__()
-        self.act = act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(x.half().float()).half().float()
-
-
-def test_gguf_f32_differs_only_by_llama_cpps_gelu_table(trained_dir, tmp_path):
-    """The 1e-3 f32 bound is loose enough to hide a wrong GELU variant or epsilon; with llama.cpp's float16
-    GELU table emulated on the transformers side, the two agree an order of magnitude more closely."""
-    from transformers import AutoTokenizer
-
-    from export.llama_cpp import load_for_verification, quiet
-
-    path = export_gguf(trained_dir, "f32", tmp_path / "c.gguf", verify=False).path
-    tokenizer = AutoTokenizer.from_pretrained(trained_dir)
-    ids = tokenizer("def add(a, b):\n    return a + b\nIn 1969, 3 astronauts flew 384400 km.")["input_ids"]
-    llm = load_for_verification(path, n_ctx=128)
-    llm.eval(ids)
-    theirs = torch.tensor(np.array(llm.scores[: len(ids)], dtype=np.float32))
-    with quiet():
-        llm.close()
-    model = AutoModelForCausalLM.from_pretrained(trained_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        exact = model(input_ids=torch.tensor([ids])).logits[0]
-        for layer in model.model.layers:
-            layer.mlp.act = Float16GeluTable(layer.mlp.act)
-        emulated = model(input_ids=torch.tensor([ids])).logits[0]
-    assert float((exact - theirs).abs().max()) > 2e-4  # the table's effect on a trained model (~1e-3)
-    assert float((emulated - theirs).abs().max()) <= 1e-4
+        assert measures["max_abs_logit_delta"] <= 5e-4
 
 
 def test_gguf_refuses_erf_gelu_before_writing(untrained_dir, tmp_path):
