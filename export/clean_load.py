@@ -50,6 +50,10 @@ def loading_problems(info: dict) -> list[str]:
 
 
 DECODE_STEPS = 4  # tokens of each prompt that the Transformers-backend check feeds one step at a time
+# The backend check computes in float64, as does its reference: packing prompts and decoding step by step sum
+# in another order than one forward per prompt, which in float32 alone moves a trained model's logits by ~1e-5,
+# as much as a small mistake would; in float64 only a mistake shows.
+BACKEND_DTYPE = "float64"
 
 
 class AttentionLayer:
@@ -101,7 +105,7 @@ def packed_causal_attention(
             for x, n in ((query, heads), (key, kv_heads), (value, kv_heads))
         )
         cached_k, cached_v = layer.cache[sequence]
-        k, v = torch.cat([cached_k, k], dim=1), torch.cat([cached_v, v], dim=1)
+        k, v = torch.cat([cached_k.to(k.dtype), k], dim=1), torch.cat([cached_v.to(v.dtype), v], dim=1)
         layer.cache[sequence] = (k, v)
         past = k.shape[1] - (end - start)
         visible = torch.arange(k.shape[1])[None, :] <= (past + torch.arange(end - start))[:, None]
@@ -125,7 +129,7 @@ def backend_model(folder: str, remote: bool) -> tuple:
     config = AutoConfig.from_pretrained(folder, trust_remote_code=remote)
     text = config.get_text_config()
     text._attn_implementation = "vllm"
-    base = AutoModel.from_config(config, dtype=torch.float32, trust_remote_code=remote).eval()
+    base = AutoModel.from_config(config, dtype=getattr(torch, BACKEND_DTYPE), trust_remote_code=remote).eval()
     base.set_input_embeddings(base.get_input_embeddings())  # the backend swaps in its own embedding
     # The backend compiles the decoder with these arguments marked dynamic, and refuses a forward without them.
     decoder = type(base.get_decoder())
@@ -163,7 +167,7 @@ def backend_model(folder: str, remote: bool) -> tuple:
         raise RuntimeError(
             "the checkpoint has no lm_head.weight and the config does not tie it to the embedding"
         )
-    return base, head, text
+    return base, head.to(embedding.dtype), text
 
 
 def backend_logits(folder: str, rows: list[list[int]], remote: bool) -> list:
