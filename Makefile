@@ -1,21 +1,32 @@
-# Two commands: `make demo` and `make test`. Each sets up .venv when missing and is quick once set up.
+# Two commands: `make demo` and `make test`. Each sets up .venv from the committed lock (constraints.txt) when
+# it is missing or older than the lock, and is quick once set up.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The tested set: the exact version of every package `make test` passed with. pyproject.toml keeps ranges
+# for library users; the lock is what a new machine gets. `make lock` moves it forward (see README).
+LOCK ?= constraints.txt
+LLAMA_CPP_VERSION := $(shell sed -n 's/^llama[-_]cpp[-_]python==//p' $(LOCK))
+# Where no local CPU wheel of torch is at hand, pip takes PyPI's (a CUDA build on Linux); CPU-only machines can
+# name PyTorch's CPU index instead: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+TORCH_FROM := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 # Threads: 2-core machines train steadier with one intra-op thread per process.
 export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-gpu lint format bench clean
+.PHONY: demo test test-latest lock test-gpu lint format bench clean
 
-$(STAMP): pyproject.toml
+# torch first, at the lock's version (a local CPU wheel where pip's find-links has one), so that nothing after
+# it can swap it for another build; llama-cpp-python from a portable wheel (.ci/llama-cpp-wheel says why);
+# then the project, editable, with every dependency at the lock's version.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	# torch first: the local CPU wheel where one exists (pip's find-links), else pip's default build.
-	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
-	# Pin whatever torch is now installed, so no dependency can swap it for a multi-GB CUDA build.
-	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c $(LOCK) $(TORCH_FROM) torch
+	$(PY) -m pip install -q -c $(LOCK) --only-binary llama-cpp-python \
+		--find-links "$$(.ci/llama-cpp-wheel $(PY) $(LLAMA_CPP_VERSION))" -e '.[dev]'
+	$(PY) -m pip check
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,6 +37,34 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q
+
+# The newest releases pyproject.toml's ranges admit (torch stays at the lock's build), in a venv of their own,
+# through the same suite. Green here, `make lock` writes them into the lock.
+LATEST_VENV ?= .venv-latest
+LATEST_PY := $(LATEST_VENV)/bin/python
+test-latest:
+	rm -rf $(LATEST_VENV) && python3 -m venv $(LATEST_VENV)
+	grep '^torch==' $(LOCK) > $(LATEST_VENV)/torch.txt
+	$(LATEST_PY) -m pip install -q -c $(LATEST_VENV)/torch.txt $(TORCH_FROM) torch
+	$(LATEST_PY) -m pip install -q --dry-run --ignore-installed --report $(LATEST_VENV)/resolve.json \
+		-c $(LATEST_VENV)/torch.txt -e '.[dev]'
+	$(LATEST_PY) -m pip install -q -c $(LATEST_VENV)/torch.txt --only-binary llama-cpp-python \
+		--find-links "$$(.ci/llama-cpp-wheel $(LATEST_PY) $$($(LATEST_PY) -c 'import json, sys; \
+		print(next(i["metadata"]["version"] for i in json.load(open(sys.argv[1]))["install"] \
+		if i["metadata"]["name"] == "llama_cpp_python"))' $(LATEST_VENV)/resolve.json))" -e '.[dev]'
+	$(LATEST_PY) -m pip check
+	$(LATEST_PY) -m pip freeze --exclude-editable | grep -E '^(transformers|trl|peft|accelerate|datasets|tokenizers|safetensors|gguf|lm_eval|huggingface_hub|llama_cpp_python)=='
+	$(LATEST_VENV)/bin/ruff check .
+	$(LATEST_VENV)/bin/ruff format --check .
+	$(LATEST_PY) -m pytest -q
+
+# Write what test-latest installed (and passed with) into the lock; torch without its local build tag, so the
+# constraint holds for the CPU and the CUDA wheel of that release alike.
+lock: test-latest
+	{ echo "# The tested set for make demo / make test: written by 'make lock' (after 'make test-latest' passed)"; \
+	  echo "# on $$(uname -s) $$(uname -m), $$($(LATEST_PY) --version). Edit pyproject.toml's ranges, not this file."; \
+	  $(LATEST_PY) -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
 
 # On a machine with a CUDA GPU: vLLM's own checks, in a separate environment because vLLM brings its own CUDA
 # build of torch and pins transformers (the CPU .venv stays as it is).
