@@ -16,7 +16,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-latest lock test-gpu lint format bench clean
+.PHONY: demo test test-latest lock test-gpu lock-gpu lint format bench clean
 
 # torch first, at the lock's version (a local CPU wheel where pip's find-links has one), so that nothing after
 # it can swap it for another build; llama-cpp-python from a portable wheel (.ci/llama-cpp-wheel says why);
@@ -67,12 +67,28 @@ lock: test-latest
 	mv $(LOCK).tmp $(LOCK)
 
 # On a machine with a CUDA GPU: vLLM's own checks, in a separate environment because vLLM brings its own CUDA
-# build of torch and pins transformers (the CPU .venv stays as it is).
+# build of torch and pins transformers (the CPU .venv stays as it is), installed from its own lock.
 GPU_VENV ?= .venv-gpu
+GPU_LOCK ?= constraints-gpu.txt
 test-gpu:
 	test -x $(GPU_VENV)/bin/python || python3 -m venv $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install -q -e '.[dev,gpu]'
+	$(GPU_VENV)/bin/python -m pip install -q -c $(GPU_LOCK) --only-binary llama-cpp-python --find-links \
+		"$$(.ci/llama-cpp-wheel $(GPU_VENV)/bin/python $$(sed -n 's/^llama[-_]cpp[-_]python==//p' $(GPU_LOCK)))" \
+		-e '.[dev,gpu]'
 	$(GPU_VENV)/bin/python -m pytest -q -m gpu -rs
+
+# The GPU lock is resolved, not installed (any machine can write it): vLLM pins torch and transformers, and pip's
+# answer for `.[dev,gpu]` is the same with a CPU or a CUDA torch of that release.
+lock-gpu:
+	rm -rf $(GPU_VENV).resolve && python3 -m venv $(GPU_VENV).resolve
+	$(GPU_VENV).resolve/bin/python -m pip install -q --dry-run --ignore-installed \
+		--report $(GPU_VENV).resolve/report.json -e '.[dev,gpu]'
+	.ci/lock-from-report $(GPU_VENV).resolve/report.json \
+		"The GPU set for make test-gpu (vLLM, DeepSpeed, bitsandbytes beside the project): resolved by 'make lock-gpu'" \
+		"for $$(uname -s) $$(uname -m), $$($(GPU_VENV).resolve/bin/python --version); vLLM pins torch and transformers, so it differs from constraints.txt." \
+		> $(GPU_LOCK).tmp
+	mv $(GPU_LOCK).tmp $(GPU_LOCK)
+	rm -rf $(GPU_VENV).resolve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
