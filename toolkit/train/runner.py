@@ -336,8 +336,14 @@ def _trainer_args(stage: Stage, recipe: Recipe, stage_dir: Path, tokenizer: PreT
         **method.defaults,
     }
     if stage.method == "sft":
-        # Learn the answers, not the prompts, when the template marks assistant turns.
-        values["assistant_only_loss"] = "{% generation %}" in (tokenizer.chat_template or "")
+        # Learn the answers, not the prompts, when the template marks assistant turns. TRL's own test of the
+        # markers: a plain substring test misses the whitespace-trimming `{%- generation %}` the toolkit's
+        # template uses, and silently trained on the prompts too.
+        from trl.chat_template_utils import has_generation_markers
+
+        values["assistant_only_loss"] = bool(tokenizer.chat_template) and has_generation_markers(
+            tokenizer.chat_template
+        )
     values.update(stage.train)
     values["output_dir"] = str(stage_dir / "checkpoints")
     values["seed"] = recipe.seed

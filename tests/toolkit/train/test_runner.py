@@ -185,3 +185,19 @@ def test_recipe_decides_activation_checkpointing_under_either_name(tmp_path, key
         args.activation_checkpointing if "activation_checkpointing" in fields else args.gradient_checkpointing
     )
     assert enabled is (key is not None)
+
+
+def test_sft_learns_the_answers_only_with_the_toolkit_template(finished_run, tmp_path):
+    """The toolkit's template marks assistant turns with `{%- generation %}` (whitespace-trimming): SFT must
+    see the markers and train on the answers alone, unless the recipe says otherwise."""
+    from transformers import AutoTokenizer
+
+    recipe, _ = finished_run
+    tokenizer = AutoTokenizer.from_pretrained(recipe.output_dir / "tok" / "final")
+    assert "{%- generation %}" in tokenizer.chat_template
+    sft = recipe.stages[2]
+    assert _trainer_args(sft, recipe, tmp_path / "a", tokenizer).assistant_only_loss is True
+    raw = tiny_recipe(tmp_path)
+    raw["stages"][2]["train"]["assistant_only_loss"] = False
+    explicit = recipes.parse(raw)
+    assert _trainer_args(explicit.stages[2], explicit, tmp_path / "b", tokenizer).assistant_only_loss is False
