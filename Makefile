@@ -24,8 +24,8 @@ export HF_HUB_OFFLINE ?= 1
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q -c $(LOCK) $(TORCH_FROM) torch
-	$(PY) -m pip install -q -c $(LOCK) --only-binary llama-cpp-python \
-		--find-links "$$(.ci/llama-cpp-wheel $(PY) $(LLAMA_CPP_VERSION))" -e '.[dev]'
+	wheels=$$(.ci/llama-cpp-wheel $(PY) "$(LLAMA_CPP_VERSION)") && \
+		$(PY) -m pip install -q -c $(LOCK) --only-binary llama-cpp-python --find-links "$$wheels" -e '.[dev]'
 	$(PY) -m pip check
 	touch $(STAMP)
 
@@ -48,22 +48,25 @@ test-latest:
 	$(LATEST_PY) -m pip install -q -c $(LATEST_VENV)/torch.txt $(TORCH_FROM) torch
 	$(LATEST_PY) -m pip install -q --dry-run --ignore-installed --report $(LATEST_VENV)/resolve.json \
 		-c $(LATEST_VENV)/torch.txt -e '.[dev]'
-	$(LATEST_PY) -m pip install -q -c $(LATEST_VENV)/torch.txt --only-binary llama-cpp-python \
-		--find-links "$$(.ci/llama-cpp-wheel $(LATEST_PY) $$($(LATEST_PY) -c 'import json, sys; \
-		print(next(i["metadata"]["version"] for i in json.load(open(sys.argv[1]))["install"] \
-		if i["metadata"]["name"] == "llama_cpp_python"))' $(LATEST_VENV)/resolve.json))" -e '.[dev]'
+	version=$$($(LATEST_PY) -c 'import json, sys; print(next(i["metadata"]["version"] \
+		for i in json.load(open(sys.argv[1]))["install"] if i["metadata"]["name"] == "llama_cpp_python"))' \
+		$(LATEST_VENV)/resolve.json) && wheels=$$(.ci/llama-cpp-wheel $(LATEST_PY) "$$version") && \
+		$(LATEST_PY) -m pip install -q -c $(LATEST_VENV)/torch.txt --only-binary llama-cpp-python \
+		--find-links "$$wheels" -e '.[dev]'
 	$(LATEST_PY) -m pip check
 	$(LATEST_PY) -m pip freeze --exclude-editable | grep -E '^(transformers|trl|peft|accelerate|datasets|tokenizers|safetensors|gguf|lm_eval|huggingface_hub|llama_cpp_python)=='
 	$(LATEST_VENV)/bin/ruff check .
 	$(LATEST_VENV)/bin/ruff format --check .
 	$(LATEST_PY) -m pytest -q
 
-# Write what test-latest installed (and passed with) into the lock; torch without its local build tag, so the
-# constraint holds for the CPU and the CUDA wheel of that release alike.
+# Write what test-latest installed (and passed with) into the lock, as name==version (`pip list`, which unlike
+# `pip freeze` never writes a wheel's file URL); torch without its local build tag, so the constraint holds for
+# the CPU and the CUDA wheel of that release alike.
 lock: test-latest
 	{ echo "# The tested set for make demo / make test: written by 'make lock' (after 'make test-latest' passed)"; \
 	  echo "# on $$(uname -s) $$(uname -m), $$($(LATEST_PY) --version). Edit pyproject.toml's ranges, not this file."; \
-	  $(LATEST_PY) -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).tmp
+	  $(LATEST_PY) -m pip list --format=freeze --exclude-editable | grep -vE '^(pip|setuptools|wheel)==' \
+		| sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 
 # On a machine with a CUDA GPU: vLLM's own checks, in a separate environment because vLLM brings its own CUDA
@@ -72,9 +75,9 @@ GPU_VENV ?= .venv-gpu
 GPU_LOCK ?= constraints-gpu.txt
 test-gpu:
 	test -x $(GPU_VENV)/bin/python || python3 -m venv $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install -q -c $(GPU_LOCK) --only-binary llama-cpp-python --find-links \
-		"$$(.ci/llama-cpp-wheel $(GPU_VENV)/bin/python $$(sed -n 's/^llama[-_]cpp[-_]python==//p' $(GPU_LOCK)))" \
-		-e '.[dev,gpu]'
+	wheels=$$(.ci/llama-cpp-wheel $(GPU_VENV)/bin/python "$$(sed -n 's/^llama[-_]cpp[-_]python==//p' $(GPU_LOCK))") \
+		&& $(GPU_VENV)/bin/python -m pip install -q -c $(GPU_LOCK) --only-binary llama-cpp-python \
+		--find-links "$$wheels" -e '.[dev,gpu]'
 	$(GPU_VENV)/bin/python -m pytest -q -m gpu -rs
 
 # The GPU lock is resolved, not installed (any machine can write it): vLLM pins torch and transformers, and pip's
