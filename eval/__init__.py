@@ -1,6 +1,5 @@
-"""Evaluation of trained models: checkable-task accuracy, perplexity (lm-eval tasks and win-rate build on these)."""
+"""Evaluation of trained models: checkable-task accuracy, perplexity (lm-eval tasks and win-rate build on these).
 
-from eval.accuracy import generate_answers, task_accuracy
-from eval.perplexity import perplexity
-
-__all__ = ["generate_answers", "perplexity", "task_accuracy"]
+`eval.stages` registers the `eval:` section of recipe stages, `eval.cli` the `toolkit eval` command (entry
+points in pyproject.toml); importing the package itself imports nothing heavy.
+"""

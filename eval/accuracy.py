@@ -6,22 +6,13 @@ The prompts go through the model's own chat template, as a user would send them;
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from toolkit.data.tasks import score
-
-
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Token ids that end an assistant turn: the tokenizer's eos plus ChatML's `<|im_end|>` when present."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
-    return sorted(ids)
+from toolkit.data.tasks import score_answers
+from toolkit.data.tokenizer import end_of_turn_ids
 
 
 @torch.no_grad()
@@ -132,21 +123,4 @@ def task_accuracy(
     return {
         **score_answers(rows, predictions, samples),
         "answer_nll": answer_nll(model, tokenizer, rows, batch_size),
-    }
-
-
-def score_answers(rows: list[dict[str, Any]], predictions: list[str], samples: int = 5) -> dict[str, Any]:
-    """Overall and per-task exact-match accuracy of `predictions` for rows `{"task", "prompt", "answer"}`."""
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for row, prediction in zip(rows, predictions, strict=True):
-        hits[row.get("task", "all")].append(score(prediction, row["answer"]))
-    every = [h for task in hits.values() for h in task]
-    return {
-        "accuracy": sum(every) / max(len(every), 1),
-        "n": len(every),
-        "per_task": {task: sum(h) / len(h) for task, h in sorted(hits.items())},
-        "samples": [
-            {"prompt": r["prompt"], "answer": r["answer"], "prediction": p}
-            for r, p in zip(rows[:samples], predictions[:samples], strict=True)
-        ],
     }

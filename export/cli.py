@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from export.gguf import QUANTS, ExportResult, export_gguf
 from export.ollama import export_ollama
@@ -126,6 +127,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-verify", dest="verify", action="store_false", help="skip the clean-process verification"
     )
     vllm.set_defaults(func=run_vllm)
+
+
+def run_arch_check(args: argparse.Namespace) -> int:
+    """Exit 0 when every export target is reachable, 1 when one is blocked (2: unknown name)."""
+    import json
+
+    from export.check import check, format_check
+
+    result = check(args.name)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_check(result))
+    return 0 if result.ok else 1
+
+
+def register_commands(groups: dict[str, Any]) -> None:
+    """The export package's part of the `toolkit` command (the `forge_toolkit.cli` entry point): `export
+    gguf|ollama|vllm`, `arch check`, `serve` and `push`."""
+    from export.cli_top import register_top_level
+
+    export = groups["toolkit"].add_parser("export", help="export a model (GGUF, Ollama, vLLM folder)")
+    register(export.add_subparsers(dest="export", required=True))
+    arch_check = groups["arch"].add_parser(
+        "check",
+        help="which exports (GGUF, vLLM native, vLLM Transformers backend, Hub remote code) an architecture "
+        "reaches, and what blocks the others; exit 1 when one is blocked",
+    )
+    arch_check.add_argument(
+        "name", help="architecture (decoder), preset (prometheus-125m) or HF model folder"
+    )
+    arch_check.add_argument("--json", action="store_true")
+    arch_check.set_defaults(func=run_arch_check)
+    register_top_level(groups["toolkit"])
 
 
 def main(argv: list[str] | None = None) -> int:

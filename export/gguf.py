@@ -28,6 +28,7 @@ from export.source import Source, resolve_source
 from export.tokenizer_gguf import GGUFVocab, add_vocab, read_vocab
 from toolkit.errors import ExportError
 from toolkit.models.plans import Config, GGUFPlan, TensorRule, get_plan
+from toolkit.run_folder import RunFolder
 
 Q = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
@@ -319,9 +320,11 @@ def write_gguf(
 
 
 def default_output(source: Source, quant: str) -> Path:
-    """`runs/<name>/gguf/<name>-<quant>.gguf` for a run, `<folder>/gguf/<name>-<quant>.gguf` otherwise."""
-    base = source.run_dir if source.run_dir is not None else source.folder
-    return base / "gguf" / f"{source.name}-{quant}.gguf"
+    """`runs/<name>/gguf/<name>-<quant>.gguf` for a run (`RunFolder.gguf_path`, the one layout a recipe's
+    export stage writes too), `<folder>/gguf/<name>-<quant>.gguf` otherwise."""
+    if source.run_dir is not None:
+        return RunFolder(source.run_dir).gguf_path(quant)
+    return source.folder / "gguf" / f"{source.name}-{quant}.gguf"
 
 
 @dataclass
@@ -342,7 +345,7 @@ class ExportResult:
 
 
 def export_gguf(
-    src: str | Path,
+    src: str | Path | Source,
     quant: str = "f16",
     out: str | Path | None = None,
     *,
@@ -350,7 +353,8 @@ def export_gguf(
     verify: bool = True,
     n_threads: int | None = None,
 ) -> ExportResult:
-    """Export SRC (HF folder or run folder) to a GGUF of type `quant`, verified in llama.cpp unless told not.
+    """Export SRC (HF folder or run folder, or a `Source` already resolved, which the caller cleans up) to a
+    GGUF of type `quant`, verified in llama.cpp unless told not.
 
     Everything that can refuse (architecture, config, tokenizer, tensor names, existing output) refuses
     before a file is written. With `verify`, `<out>.report.json` holds the measured parity.
@@ -361,7 +365,8 @@ def export_gguf(
         raise ExportError(f"unknown quant type '{quant}'; supported: {', '.join(QUANTS)}")
     spec = QUANTS[quant]
     started = time.perf_counter()
-    source = resolve_source(src, prompts=verification.PROMPTS)
+    owned = not isinstance(src, Source)
+    source = resolve_source(src, prompts=verification.PROMPTS) if owned else src
     try:
         out_path = Path(out) if out is not None else default_output(source, quant)
         if out_path.exists() and not force:
@@ -411,4 +416,5 @@ def export_gguf(
             write_report(out_path, result.report)
         return result
     finally:
-        source.cleanup()
+        if owned:
+            source.cleanup()

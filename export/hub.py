@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from toolkit.errors import ExportError
+from toolkit.run_folder import RunFolder, StageFolder, read_metrics
 
 PIPELINE_TAG = "text-generation"
 
@@ -78,19 +77,14 @@ def _export_report(folder: Path) -> dict[str, Any]:
     return {}
 
 
-def find_run(folder: Path, report: dict[str, Any]) -> tuple[Path | None, Path | None]:
-    """(run folder, stage folder) the model came from, when they can be found."""
+def find_run(folder: Path, report: dict[str, Any]) -> tuple[RunFolder | None, StageFolder | None]:
+    """(run, stage) the model came from, when they can be found."""
     source = Path(report["source"]) if report.get("source") else folder
-    stage = source.parent if source.name == "final" else None
-    if report.get("run_dir"):
-        return Path(report["run_dir"]), stage
-    if stage is not None and (stage.parent / "recipe.yaml").exists():
-        return stage.parent, stage
-    return None, stage
-
-
-def _read_json(path: Path | None) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path is not None and path.exists() else {}
+    run = RunFolder(Path(report["run_dir"])) if report.get("run_dir") else RunFolder.containing(source)
+    if run is None or source.name != "final":
+        return run, None
+    stages = [s for s in run.stages() if s.final == source]
+    return run, stages[0] if stages else None
 
 
 def _is_hub_id(value: Any) -> bool:
@@ -107,19 +101,14 @@ def _sources(stage: dict[str, Any]) -> list[str]:
     return [s if isinstance(s, str) else s.get("path", "") for s in sources]
 
 
-def training_summary(run_dir: Path | None) -> dict[str, Any]:
+def training_summary(run: RunFolder | None) -> dict[str, Any]:
     """Stages, data, hardware and time of a run, from its recipe.yaml, env.json and metrics.jsonl."""
-    if run_dir is None or not (run_dir / "recipe.yaml").exists():
+    if run is None or not run.recipe_path.exists():
         return {}
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) or {}
+    recipe = run.recipe()
     stages = []
-    for stage in recipe.get("stages", []):
-        metrics = run_dir / stage.get("name", "") / "metrics.jsonl"
-        rows = (
-            [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            if metrics.exists()
-            else []
-        )
+    for stage, folder in zip(recipe.get("stages", []), run.stages(), strict=True):
+        rows = read_metrics(folder.metrics)
         losses = [r["loss"] for r in rows if "loss" in r]
         runtime = sum(r.get("train_runtime", 0.0) for r in rows)
         train = stage.get("train") or {}
@@ -136,14 +125,14 @@ def training_summary(run_dir: Path | None) -> dict[str, Any]:
                 "seconds": runtime or None,
             }
         )
-    return {"name": recipe.get("name"), "stages": stages, "env": _read_json(run_dir / "env.json")}
+    return {"name": recipe.get("name"), "stages": stages, "env": run.env() or {}}
 
 
-def eval_results(stage_dir: Path | None, model_name: str) -> list[Any]:
+def eval_results(stage: StageFolder | None, model_name: str) -> list[Any]:
     """`EvalResult`s (model-index) from the stage's eval.json: task accuracy and perplexity."""
     from huggingface_hub import EvalResult
 
-    evaluation = _read_json(stage_dir / "eval.json" if stage_dir else None)
+    evaluation = (stage.eval() if stage else None) or {}
     results = []
     if "tasks" in evaluation:
         results.append(
@@ -174,15 +163,15 @@ def build_model_card(folder: Path, repo_id: str, gguf_files: list[str], license:
 
     config = json.loads((folder / "config.json").read_text())
     report = _export_report(folder)
-    run_dir, stage_dir = find_run(folder, report)
-    summary = training_summary(run_dir)
+    run, stage = find_run(folder, report)
+    summary = training_summary(run)
     stages = summary.get("stages", [])
     base = next((s["model"]["path"] for s in stages if _is_hub_id((s.get("model") or {}).get("path"))), None)
     if base is None and report.get("lora") and _is_hub_id(report["lora"].get("base")):
         base = report["lora"]["base"]
     datasets = sorted({d for s in stages for d in s["data"] if _is_hub_id(d)})
     name = repo_id.split("/")[-1]
-    results = eval_results(stage_dir, name)
+    results = eval_results(stage, name)
     remote = "auto_map" in config
     tags = ["forge-toolkit", config.get("model_type", ""), report.get("source_model_type") or ""]
     tags += [s["method"] for s in stages if s.get("method")] + (["gguf"] if gguf_files else [])
@@ -306,10 +295,9 @@ def plan_upload(src: str | Path, repo_id: str, license: str | None = None) -> li
     folder = find_model_folder(src)
     check_self_contained(folder)
     items = [UploadItem(p.name, p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "README.md"]
-    run_dir, _ = find_run(folder, _export_report(folder))
-    extras = (
-        sorted(run_dir.glob("gguf/**/*.gguf")) + sorted(run_dir.glob("gguf/**/Modelfile")) if run_dir else []
-    )
+    run, _ = find_run(folder, _export_report(folder))
+    modelfile = run.gguf_dir / "Modelfile" if run is not None else None
+    extras = [*run.gguf_files(), *([modelfile] if modelfile.exists() else [])] if run is not None else []
     taken = {item.path_in_repo for item in items}
     for path in extras:
         if path.name in taken:

@@ -90,27 +90,6 @@ def go_template_for(tokenizer: Any) -> str | None:
     return CHATML_GO_TEMPLATE if render_go_template(CHATML_GO_TEMPLATE, PROBE) == jinja else None
 
 
-def end_of_turn_tokens(tokenizer: Any, folder: Path) -> list[str]:
-    """Tokens that end an assistant turn: the special token the template puts right after an assistant
-    message, the tokenizer's EOS and every EOS id in generation_config.json."""
-    stops: list[str] = []
-    special = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.added_tokens_encoder), key=len)
-    if isinstance(tokenizer.chat_template, str):
-        marker = "A1-end-probe"
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "U1"}, {"role": "assistant", "content": marker}], tokenize=False
-        )
-        after = text[text.index(marker) + len(marker) :]
-        stops += [t for t in reversed(special) if after.startswith(t)][:1]
-    ids: list[int] = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    generation = folder / "generation_config.json"
-    if generation.exists():
-        eos = json.loads(generation.read_text()).get("eos_token_id")
-        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
-    stops += [tokenizer.convert_ids_to_tokens(i) for i in ids]
-    return list(dict.fromkeys(stops))
-
-
 def gguf_context_length(path: Path) -> int:
     """The context length the GGUF declares (what llama.cpp, and so Ollama, will run)."""
     import gguf
@@ -168,21 +147,22 @@ def export_ollama(
     """Write `<out_dir>/<name>-<quant>.gguf` (verified unless told not) and `<out_dir>/Modelfile`."""
     from transformers import AutoTokenizer
 
+    from toolkit.data.tokenizer import end_of_turn_tokens, folder_eos_ids
+
     out_dir = Path(out_dir)
     modelfile = out_dir / "Modelfile"
     if modelfile.exists() and not force:
         raise ExportError(f"{modelfile} exists; pass --force to replace it")
-    source = resolve_source(src)
+    source = resolve_source(src)  # once: a LoRA run is merged here, and the GGUF is written from it
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.folder)
-        stops = end_of_turn_tokens(tokenizer, source.folder)
+        stops = end_of_turn_tokens(tokenizer, folder_eos_ids(source.folder))
         template = go_template_for(tokenizer)
-        name = source.name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        gguf_path = out_dir / f"{source.name}-{quant}.gguf"
+        result = export_gguf(source, quant, gguf_path, force=force, verify=verify, n_threads=n_threads)
     finally:
         source.cleanup()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gguf_path = out_dir / f"{name}-{quant}.gguf"
-    result = export_gguf(src, quant, gguf_path, force=force, verify=verify, n_threads=n_threads)
     write_text(
         modelfile, modelfile_text(gguf_path.name, stops, gguf_context_length(gguf_path), template, system)
     )

@@ -1,9 +1,9 @@
 """What an export reads: a run folder or HF model folder, resolved to one HF folder with full weights.
 
 - An HF folder (config.json + safetensors) is used as it is.
-- A run folder `runs/<name>` resolves to the `final/` of its newest stage: among its sub-folders holding a
-  `final/`, the one whose `final/` was modified last (stages run in order, so the last one written is the
-  last stage). A stage folder `runs/<name>/<stage>` resolves to its own `final/`.
+- A run folder `runs/<name>` resolves to the `final/` of its last stage, in the order of its recipe.yaml,
+  that holds a model (`toolkit.run_folder.RunFolder`). A stage folder `runs/<name>/<stage>` resolves to its
+  own `final/`.
 - A LoRA run's `final/` holds an adapter. It is merged with peft (`merge_and_unload`) into its base loaded
   in float32 from the base's own full-precision weights, never into a quantized base, and the logits of
   the merged model are compared with base+adapter on the verification prompts (the drift).
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from toolkit.errors import ExportError
+from toolkit.errors import ExportError, ToolkitError
+from toolkit.run_folder import RunFolder, is_model_folder
 
 # Copied next to merged weights so that the merged folder is a complete HF model folder.
 TOKENIZER_FILES = (
@@ -47,24 +48,23 @@ class Source:
             self._tmp = None
 
 
-def _is_model_folder(path: Path) -> bool:
-    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
-
-
-def _final_folder(src: Path) -> tuple[Path, Path | None]:
-    if _is_model_folder(src):
-        return src, (src.parent.parent if src.name == "final" else None)
-    if _is_model_folder(src / "final"):
-        return src / "final", src.parent
-    stages = (
-        [d for d in src.iterdir() if d.is_dir() and _is_model_folder(d / "final")] if src.is_dir() else []
+def _final_folder(src: Path) -> tuple[Path, RunFolder | None]:
+    """The model folder SRC stands for, and the run it belongs to (if any): a model folder itself, a stage
+    folder (its `final/`), or a run folder (the last stage in recipe order whose `final/` holds a model)."""
+    run = RunFolder.containing(src)
+    if is_model_folder(src):
+        return src, run if run is not None and src.name == "final" else None
+    if is_model_folder(src / "final"):
+        return src / "final", run
+    if run is not None and run.path == src:
+        try:
+            return run.last_model().final, run
+        except ToolkitError as error:
+            raise ExportError(str(error)) from None
+    raise ExportError(
+        f"{src} is neither an HF model folder (config.json), a stage folder (a final/ inside) nor a run "
+        "folder (recipe.yaml, naming its stages)"
     )
-    if not stages:
-        raise ExportError(
-            f"{src} is neither an HF model folder (config.json) nor a run folder with a <stage>/final/ inside"
-        )
-    newest = max(stages, key=lambda d: (d / "final").stat().st_mtime)
-    return newest / "final", src
 
 
 def _license(folder: Path) -> str | None:
@@ -88,8 +88,9 @@ def resolve_source(src: str | Path, prompts: list[str] | None = None) -> Source:
     src = Path(src)
     if not src.exists():
         raise ExportError(f"export source {src} does not exist")
-    folder, run_dir = _final_folder(src)
-    name = run_dir.name if run_dir is not None else folder.name
+    folder, run = _final_folder(src)
+    run_dir = run.path if run is not None else None
+    name = run.name if run is not None else folder.name
     if (folder / "adapter_config.json").exists():
         return merge_lora(folder, name, run_dir, prompts or [])
     if not any(folder.glob("*.safetensors")):

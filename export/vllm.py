@@ -64,7 +64,6 @@ DERIVED_CONFIG_KEYS = (
 )
 # Copied modelling files may import these and the standard library: all are installed wherever transformers is.
 ALLOWED_IMPORTS = frozenset({"torch", "transformers", "huggingface_hub", "safetensors", "tokenizers"})
-PROBE_REPLY = "PROBE-REPLY-7319"  # assistant content whose following token is the end-of-turn token
 # Named layout changes a plan's `tensor_transforms` may ask for; the plan stays data, the code lives here.
 TENSOR_TRANSFORMS: dict[str, Callable[[Any], Any]] = {
     "transpose": lambda tensor: tensor.t().contiguous(),  # nn.Linear's [out, in] <-> Conv1D's [in, out]
@@ -283,32 +282,15 @@ def transform(name: str, tensor: Any, transforms: tuple[tuple[str, str], ...]) -
     return tensor
 
 
-def end_of_turn_ids(folder: Path, config: dict[str, Any]) -> list[int]:
-    """Every token that ends a turn: the eos ids of the generation config, config and tokenizer, and the
-    token the chat template writes right after an assistant message (found by rendering a probe)."""
+def end_of_turn_ids(tokenizer_folder: Path, model_folder: Path) -> list[int]:
+    """Every token that ends a turn (toolkit.data.tokenizer.end_of_turn_ids: the template's, the tokenizer's
+    and the model configs' EOS), for the exported folder's generation config."""
     from transformers import AutoTokenizer
 
-    ids: set[int] = set()
+    from toolkit.data.tokenizer import end_of_turn_ids as ids
+    from toolkit.data.tokenizer import folder_eos_ids
 
-    def add(value: Any) -> None:
-        ids.update(v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int))
-
-    generation = folder / "generation_config.json"
-    if generation.exists():
-        add(json.loads(generation.read_text()).get("eos_token_id"))
-    add(config.get("eos_token_id"))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    add(tokenizer.eos_token_id)
-    if tokenizer.chat_template:
-        conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE_REPLY}]
-        try:
-            text = tokenizer.apply_chat_template(conversation, tokenize=False)
-        except Exception:  # a template may reject the probe's shape; eos ids alone then
-            text = ""
-        after = text.partition(PROBE_REPLY)[2]
-        following = tokenizer(after, add_special_tokens=False)["input_ids"][:1] if after else []
-        add([i for i in following if i in tokenizer.all_special_ids])
-    return sorted(ids)
+    return ids(AutoTokenizer.from_pretrained(tokenizer_folder), folder_eos_ids(model_folder))
 
 
 def target_config(route: Route, config: dict[str, Any], eos: list[int]) -> Any:
@@ -340,7 +322,7 @@ def write_model_folder(
     from transformers import GenerationConfig
 
     config = json.loads((folder / "config.json").read_text())
-    eos = end_of_turn_ids(tokenizer_from or folder, config)
+    eos = end_of_turn_ids(tokenizer_from or folder, folder)
     target = target_config(route, config, eos)
     torch_dtype = getattr(torch, dtype)
     state: dict[str, Any] = {}

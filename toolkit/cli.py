@@ -1,4 +1,7 @@
-"""The `toolkit` command: one subcommand per job (train, arch, data, eval, export, serve, push).
+"""The `toolkit` command: one subcommand per job (train, methods, arch, data, eval, export, serve, push).
+
+eval, export, serve, push and `arch check` come from the eval and export packages, through the
+`forge_toolkit.cli` entry points.
 
 Errors about the user's input (`ToolkitError`) end with one message and exit status 2, no traceback.
 Heavy libraries are imported inside each command, so `toolkit --help` stays fast.
@@ -9,9 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
+
+CLI_ENTRY_POINTS = "forge_toolkit.cli"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -22,12 +28,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = recipes.load(args.recipe, overrides=args.overrides)
     if args.output_dir:
         recipe.output_dir = Path(args.output_dir)
-    results = run(recipe, resume=args.resume, overwrite=args.overwrite)
+    results = run(recipe, resume=args.resume, overwrite=args.overwrite, resume_changed=args.resume_changed)
     from toolkit.train.runner import distributed_state
 
     if distributed_state().is_main_process:
         print()
         print(format_summary(recipe.output_dir, results))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Every method a recipe stage can name (the stage registry), with its section and `train:` schema."""
+    from toolkit.stages import section_hooks, stage_kinds
+
+    print(f"{'method':<12} {'section':<10} {'train: schema':<18} description")
+    for kind in stage_kinds().values():
+        schema = kind.trainer.config.partition(":")[2] if kind.trainer else "-"
+        print(f"{kind.method:<12} {kind.section or '-':<10} {schema:<18} {kind.description}")
+    hooks = section_hooks()
+    if hooks:
+        print(
+            "\nsections a stage may carry: "
+            + ", ".join(f"{h.section}: ({h.description})" for h in hooks.values())
+        )
     return 0
 
 
@@ -77,15 +100,6 @@ def cmd_arch_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_arch_check(args: argparse.Namespace) -> int:
-    """Exit 0 when every export target is reachable, 1 when one is blocked (2: unknown name)."""
-    from export.check import check, format_check
-
-    result = check(args.name)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_check(result))
-    return 0 if result.ok else 1
-
-
 def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     from toolkit.data.tokenizer import train_tokenizer
 
@@ -112,22 +126,6 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from toolkit.models import register_auto_classes
-    from toolkit.train.runner import evaluate_stage
-
-    register_auto_classes()
-    model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    result = evaluate_stage(
-        model, tokenizer, {"tasks": args.tasks, "perplexity": args.perplexity, "limit": args.limit}
-    )
-    print(json.dumps(result, indent=2))
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -143,8 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--overwrite", action="store_true", help="delete an earlier run of the same name first"
     )
+    train.add_argument(
+        "--resume-changed",
+        nargs="+",
+        default=[],
+        metavar="KEY",
+        help="with --resume: accept these recipe keys changing since the run began (e.g. stages.sft.train.max_steps)",
+    )
     train.add_argument("--output-dir", help="run folder (default runs/<recipe name>)")
     train.set_defaults(func=cmd_train)
+
+    commands.add_parser("methods", help="the methods a recipe stage can name").set_defaults(func=cmd_methods)
 
     arch = commands.add_parser("arch", help="architectures and presets").add_subparsers(
         dest="arch", required=True
@@ -154,17 +161,6 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("preset")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_arch_info)
-    arch_check = arch.add_parser(
-        "check",
-        help="which exports (GGUF, vLLM native, vLLM Transformers backend, Hub remote code) an architecture "
-        "reaches, and what blocks the others; exit 1 when one is blocked",
-    )
-    arch_check.add_argument(
-        "name", help="architecture (decoder), preset (prometheus-125m) or HF model folder"
-    )
-    arch_check.add_argument("--json", action="store_true")
-    arch_check.set_defaults(func=cmd_arch_check)
-
     data = commands.add_parser("data", help="datasets and tokenizers").add_subparsers(
         dest="data", required=True
     )
@@ -182,20 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--kind", default=None, help="text, messages, preference or prompt")
     check.set_defaults(func=cmd_data_check)
 
-    evaluate = commands.add_parser("eval", help="evaluate a model folder")
-    evaluate.add_argument("model")
-    evaluate.add_argument("--tasks", help="checkable-task jsonl (task, prompt, answer)")
-    evaluate.add_argument("--perplexity", help="jsonl with a text column")
-    evaluate.add_argument("--limit", type=int)
-    evaluate.set_defaults(func=cmd_eval)
-
-    export = commands.add_parser("export", help="export a model (GGUF, Ollama, ...)")
-    export_commands = export.add_subparsers(dest="export", required=True)
-    from export.cli import register
-    from export.cli_top import register_top_level
-
-    register(export_commands)
-    register_top_level(commands)
+    # Commands of the other packages of the distribution (export, eval), through their entry points: nothing
+    # here imports them.
+    groups = {"toolkit": commands, "arch": arch, "data": data}
+    for entry in sorted(entry_points(group=CLI_ENTRY_POINTS), key=lambda e: e.name):
+        entry.load()(groups)
     return parser
 
 

@@ -46,3 +46,13 @@ def write_text(target: str | Path, text: str) -> None:
 def write_json(target: str | Path, data: Any) -> None:
     """Write `data` as indented JSON to `target` atomically."""
     write_text(target, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (blank lines skipped); a missing file is a ToolkitError naming it."""
+    from toolkit.errors import ToolkitError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ToolkitError(f"file not found: {path}")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

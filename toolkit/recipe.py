@@ -1,10 +1,11 @@
 """Recipes: YAML files that describe a run as a chain of stages, validated before anything runs.
 
 A recipe is either one stage written at the top level (`method`, `model`, `data`, `train`, ...) or a list of
-`stages`, each reading the previous stage's output. The keys of a stage's `train:` section are exactly the
-fields of the TRL/Trainer config dataclass of its method (`SFTConfig`, `DPOConfig`, ...): those dataclasses are
-the schema, so there is no second copy of their fields to drift. Every unknown key is an error that names the
-key, where it is, and the nearest valid key.
+`stages`, each reading the previous stage's output. What a stage may hold is its kind's, in the stage
+registry (`toolkit.stages`): the common keys it takes, and its own section. The keys of a training stage's
+`train:` section are exactly the fields of its TRL/Trainer config dataclass (`SFTConfig`, `DPOConfig`,
+`GRPOConfig`, ...): those dataclasses are the schema, so there is no second copy of their fields to drift.
+Every problem is reported at once, each with where it is and, for a misspelt key, the nearest valid one.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import yaml
 from toolkit.errors import RecipeError, nearest, unknown_key_message
 from toolkit.models import PRESETS
 from toolkit.schema import Problems, check_values, field_types, type_problem
+from toolkit.stages import StageKind, get_stage, load_plugins, resolve, section_hooks, stage_kinds
 
 
 class _Loader(yaml.SafeLoader):
@@ -39,36 +41,8 @@ def read_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
 
 
-@dataclass(frozen=True)
-class Method:
-    """What a stage does: its trainer-config dataclass (None for stages that do not train) and data kind."""
-
-    config_class: str | None  # "module:Class", imported only when the stage is validated or run
-    data_kind: str | None  # canonical row kind of toolkit.data (text, messages, preference, prompt)
-    defaults: dict[str, Any] = field(default_factory=dict)  # our defaults, under the user's keys
-
-
-# Defaults that differ from TRL's: TRL assumes a GPU (bf16, activation checkpointing); the runner switches
-# those on only where they help (see `toolkit.train.runner.device_defaults`).
-METHODS: dict[str, Method] = {
-    "tokenizer": Method(None, "text"),
-    "pretrain": Method(
-        "trl:SFTConfig",
-        "text",
-        # Concatenate documents and cut into full windows: no padding waste, as in classic LM pretraining.
-        {"packing": True, "packing_strategy": "wrapped"},
-    ),
-    "sft": Method("trl:SFTConfig", "messages"),
-    "dpo": Method("trl:DPOConfig", "preference"),
-    # GGUF (+ Ollama Modelfile) of the previous stage, verified in llama.cpp; `eval.tasks` then asks the
-    # GGUF itself, through llama.cpp and the chat template inside the file.
-    "export": Method(None, None),
-}
-
 RECIPE_KEYS = {"name", "description", "output_dir", "seed", "stages"}
-STAGE_KEYS = {"name", "method", "model", "tokenizer", "data", "train", "peft", "eval", "export"}
-EXPORT_KEYS = {"quant", "verify", "system"}
-MODEL_KEYS = {
+MODEL_KEYS = (
     "preset",
     "path",
     "from",
@@ -79,30 +53,37 @@ MODEL_KEYS = {
     "revision",
     "add_special_tokens",
     "pad_vocab_to_multiple_of",
-}
-TOKENIZER_STAGE_KEYS = {"vocab_size", "min_frequency", "model_max_length", "extra_special_tokens"}
+)
 DATA_KEYS = {"sources", "eval_sources", "eval_fraction"}
-EVAL_KEYS = {"tasks", "perplexity", "max_new_tokens", "limit", "batch_size", "samples"}
 
 
 @dataclass
 class Stage:
-    """One validated stage of a recipe."""
+    """One validated stage of a recipe. `options` is the stage kind's own section (e.g. `export:`,
+    `rewards:`), `sections` the values of section hooks other than `eval` (none yet)."""
 
     name: str
     method: str
     model: dict[str, Any] = field(default_factory=dict)
-    tokenizer: Any = None  # tokenizer-stage options (dict) or, for training stages, a path/stage name
+    tokenizer: Any = None  # a tokenizer folder, Hub id or tokenizer stage name
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     peft: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
-    export: dict[str, Any] | None = None
+    options: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stage as the recipe would write it (its section under its own key)."""
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "options" and v not in (None, {})}
+        section = get_stage(self.method).section
+        if section and self.options is not None:
+            out[section] = self.options
+        return out
 
 
 @dataclass
 class Recipe:
-    """A validated recipe; `raw` is the resolved mapping written to the run folder."""
+    """A validated recipe; `to_dict` is the resolved mapping written to the run folder."""
 
     name: str
     output_dir: Path
@@ -117,26 +98,19 @@ class Recipe:
             "description": self.description,
             "output_dir": str(self.output_dir),
             "seed": self.seed,
-            "stages": [
-                {k: v for k, v in dataclasses.asdict(s).items() if v not in (None, {})} for s in self.stages
-            ],
+            "stages": [stage.to_dict() for stage in self.stages],
         }
 
 
 def import_object(path: str) -> Any:
     """`"trl:SFTConfig"` -> the class."""
-    import importlib
-
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
+    return resolve(path)
 
 
 def trainer_fields(method: str) -> set[str]:
-    """The keys a `train:` section may hold for `method`."""
-    config_class = METHODS[method].config_class
-    if config_class is None:
-        return set()
-    return {f.name for f in dataclasses.fields(import_object(config_class)) if f.init}
+    """The keys a `train:` section may hold for `method` (none for a stage that does not train)."""
+    spec = get_stage(method).trainer
+    return set(field_types(import_object(spec.config))) if spec else set()
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -178,12 +152,15 @@ def parse(raw: Any, source: Path | None = None, overrides: list[str] = ()) -> Re
 
 
 def _parse(raw: Any, source: Path | None, overrides: list[str], problems: Problems) -> Recipe:
+    load_plugins()
     where = problems.where
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a recipe is a mapping of keys, got {type(raw).__name__}")
     raw = apply_overrides(raw, list(overrides))
     if "stages" not in raw:  # a single-stage recipe: lift the stage keys into one stage
-        stage_keys = {k: raw.pop(k) for k in list(raw) if k in STAGE_KEYS and k != "name"}
+        kind = stage_kinds().get(raw.get("method"))
+        keys = kind.recipe_keys if kind else set()
+        stage_keys = {k: raw.pop(k) for k in list(raw) if k in keys and k != "name"}
         raw["stages"] = [{"name": stage_keys.get("method", "train"), **stage_keys}]
     raw = problems.mapping(raw, RECIPE_KEYS, where)
     stages_raw = raw.get("stages")
@@ -216,118 +193,136 @@ def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str, problem
     if not isinstance(raw, dict):
         problems.add(f"{where}: stages[{index}] must be a mapping")
         return None
+    kinds = stage_kinds()
     method = raw.get("method")
     label = f"stages[{index}]" + (f" ({raw['name']})" if "name" in raw else "")
-    if method not in METHODS:
+    if method not in kinds:
         if method is None:
-            problems.add(f"{where}: {label} needs a 'method' (one of: {', '.join(METHODS)})")
+            problems.add(f"{where}: {label} needs a 'method' (one of: {', '.join(kinds)})")
         else:
-            problems.add(f"{where}: {unknown_key_message(str(method), METHODS, f'{label}.method')}")
+            problems.add(f"{where}: {unknown_key_message(str(method), kinds, f'{label}.method')}")
         return None
+    kind = kinds[method]
     name = str(raw.get("name", method))
     if any(s.name == name for s in earlier):
         problems.add(f"{where}: two stages are named '{name}'; give each a unique 'name'")
     at = f"{where}: stages.{name}"
-    raw = problems.mapping(raw, STAGE_KEYS, at)
+    known = set().union(*(k.recipe_keys for k in kinds.values()))
+    for key in sorted(set(raw) - kind.recipe_keys):
+        if key in known:
+            takes = ", ".join(sorted(kind.recipe_keys - {"name", "method"})) or "nothing else"
+            problems.add(f"{at}.{key}: method '{method}' takes only {takes}")
+        else:
+            problems.add(unknown_key_message(str(key), kind.recipe_keys, at))
+    raw = {k: v for k, v in raw.items() if k in kind.recipe_keys}
     stage = Stage(name=name, method=method)
-    if method == "export":
-        return _parse_export_stage(stage, raw, earlier, at, problems)
-    stage.data = problems.mapping(raw.get("data"), DATA_KEYS, f"{at}.data")
-    if not stage.data.get("sources"):
-        problems.add(f"{at}.data.sources: list at least one data source")
+    if "data" in kind.keys:
+        stage.data = _parse_data(raw.get("data"), f"{at}.data", problems)
+    if "model" in kind.keys:
+        stage.model = _parse_model(raw, kind, earlier, at, problems)
+    if "tokenizer" in kind.keys:
+        stage.tokenizer = _parse_tokenizer_ref(raw.get("tokenizer"), stage, earlier, at, problems)
+    if kind.trainer is not None:
+        types_ = field_types(import_object(kind.trainer.config))
+        stage.train = problems.mapping(raw.get("train"), types_, f"{at}.train")
+        check_values(stage.train, types_, f"{at}.train", problems)
+        if "output_dir" in stage.train:
+            problems.add(f"{at}.train.output_dir: set by the runner (runs/<name>/<stage>/checkpoints)")
+    if "peft" in kind.keys and raw.get("peft") is not None:
+        stage.peft = _parse_peft(raw["peft"], f"{at}.peft", problems)
+    if "eval" in kind.keys and raw.get("eval") is not None:
+        hook = section_hooks().get("eval")
+        stage.eval = _parse_section(raw["eval"], hook.schema if hook else None, f"{at}.eval", problems)
+    if kind.section:
+        stage.options = _parse_section(raw.get(kind.section), kind.schema, f"{at}.{kind.section}", problems)
+    return stage
+
+
+def _parse_section(raw: Any, schema: Any, at: str, problems: Problems) -> Any:
+    """A section against its schema: a dataclass (keys, types, defaults) or a validating function."""
+    schema = resolve(schema) if schema is not None else None
+    if schema is None:
+        return raw
+    if not dataclasses.is_dataclass(schema):
+        return schema(raw, at, problems)
+    types_ = field_types(schema)
+    values = problems.mapping(raw, types_, at)
+    check_values(values, types_, at, problems)
+    try:
+        return dataclasses.asdict(schema(**values))
+    except (TypeError, ValueError) as error:
+        problems.add(f"{at}: {error}")
+        return values
+
+
+def _parse_data(raw: Any, at: str, problems: Problems) -> dict[str, Any]:
+    data = problems.mapping(raw, DATA_KEYS, at)
+    if not data.get("sources"):
+        problems.add(f"{at}.sources: list at least one data source")
     for key in ("sources", "eval_sources"):  # a bare path stands for {path: ...}; one source for a list
-        if key in stage.data:
-            entries = stage.data[key] if isinstance(stage.data[key], list) else [stage.data[key]]
-            stage.data[key] = [s if isinstance(s, dict) else {"path": s} for s in entries]
+        if key in data:
+            entries = data[key] if isinstance(data[key], list) else [data[key]]
+            data[key] = [s if isinstance(s, dict) else {"path": s} for s in entries]
+    return data
 
-    if method == "tokenizer":
-        stage.tokenizer = problems.mapping(raw.get("tokenizer"), TOKENIZER_STAGE_KEYS, f"{at}.tokenizer")
-        stage.tokenizer.setdefault("vocab_size", 4096)
-        for key in ("model", "train", "peft", "eval"):
-            if raw.get(key):
-                problems.add(f"{at}.{key}: a tokenizer stage takes only 'data' and 'tokenizer'")
-        return stage
 
-    stage.model = problems.mapping(raw.get("model"), MODEL_KEYS, f"{at}.model")
-    trained = _training_stages(earlier)
-    sources = [k for k in ("preset", "path", "from") if k in stage.model]
+def model_stages(earlier: list[Stage]) -> list[str]:
+    """Names of the earlier stages that produce a model (what `model.from` may name)."""
+    return [s.name for s in earlier if get_stage(s.method).produces_model]
+
+
+def _parse_model(
+    raw: dict[str, Any], kind: StageKind, earlier: list[Stage], at: str, problems: Problems
+) -> dict[str, Any]:
+    """A trainer stage's model: a preset, a path (folder or Hub id), or `from` an earlier stage (by default the
+    last one that made a model); a stage that does not train takes only `from`."""
+    keys = MODEL_KEYS if kind.trainer is not None else ("from",)
+    model = problems.mapping(raw.get("model"), keys, f"{at}.model")
+    trained = model_stages(earlier)
+    sources = [k for k in ("preset", "path", "from") if k in model]
     if len(sources) > 1:
         problems.add(f"{at}.model: give one of preset/path/from, not {' and '.join(sources)}")
     if not sources:
-        if not trained:
+        if trained:
+            model["from"] = trained[-1]  # by default each stage continues from the previous one
+        elif kind.trainer is not None:
             problems.add(f"{at}.model: the first training stage needs 'preset' or 'path'")
         else:
-            stage.model["from"] = trained[-1]  # by default each stage continues from the previous one
-    if "from" in stage.model and stage.model["from"] not in trained:
+            problems.add(f"{at}.model.from: a {kind.method} stage needs an earlier stage with a model")
+    if "from" in model and model["from"] not in trained:
         problems.add(
-            f"{at}.model.from: '{stage.model['from']}' is not an earlier training stage "
+            f"{at}.model.from: '{model['from']}' is not an earlier stage with a model "
             f"(earlier: {', '.join(trained) or 'none'})"
         )
-    if "preset" in stage.model and stage.model["preset"] not in PRESETS:
-        guess = nearest(str(stage.model["preset"]), PRESETS)
+    if "preset" in model and model["preset"] not in PRESETS:
+        guess = nearest(str(model["preset"]), PRESETS)
         hint = f" (did you mean '{guess}'?)" if guess else ""
-        problems.add(f"{at}.model.preset: unknown preset '{stage.model['preset']}'{hint}")
-    added = stage.model.get("add_special_tokens", [])
+        problems.add(f"{at}.model.preset: unknown preset '{model['preset']}'{hint}")
+    added = model.get("add_special_tokens", [])
     if not isinstance(added, list) or not all(isinstance(t, str) and t for t in added):
         problems.add(f"{at}.model.add_special_tokens: give a list of token strings, got {added!r}")
-    multiple = stage.model.get("pad_vocab_to_multiple_of", 1)
+    multiple = model.get("pad_vocab_to_multiple_of", 1)
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         problems.add(f"{at}.model.pad_vocab_to_multiple_of: give a positive integer, got {multiple!r}")
-    tokenizer = raw.get("tokenizer")
+    return model
+
+
+def _parse_tokenizer_ref(
+    tokenizer: Any, stage: Stage, earlier: list[Stage], at: str, problems: Problems
+) -> str | None:
     if tokenizer is None:
-        tokenizer_stages = [s.name for s in earlier if s.method == "tokenizer"]
-        # A fresh model from a preset needs a tokenizer; a checkpoint brings its own.
-        if "preset" in stage.model:
-            if not tokenizer_stages:
-                problems.add(f"{at}.tokenizer: a model built from a preset needs a tokenizer path or stage")
-            else:
-                tokenizer = tokenizer_stages[-1]
-    elif not isinstance(tokenizer, str):
+        # A fresh model from a preset needs a tokenizer (the last tokenizer stage's); a checkpoint brings its own.
+        if "preset" not in stage.model:
+            return None
+        tokenizer_stages = [s.name for s in earlier if get_stage(s.method).produces_tokenizer]
+        if not tokenizer_stages:
+            problems.add(f"{at}.tokenizer: a model built from a preset needs a tokenizer path or stage")
+            return None
+        return tokenizer_stages[-1]
+    if not isinstance(tokenizer, str):
         problems.add(f"{at}.tokenizer: give a tokenizer folder, Hub id or tokenizer stage name")
-        tokenizer = None
-    stage.tokenizer = tokenizer
-
-    config_class = import_object(METHODS[method].config_class)
-    types_ = field_types(config_class)
-    stage.train = problems.mapping(raw.get("train"), types_, f"{at}.train")
-    check_values(stage.train, types_, f"{at}.train", problems)
-    if "output_dir" in stage.train:
-        problems.add(f"{at}.train.output_dir: set by the runner (runs/<name>/<stage>/checkpoints)")
-    if raw.get("peft") is not None:
-        stage.peft = _parse_peft(raw["peft"], f"{at}.peft", problems)
-    if raw.get("eval") is not None:
-        stage.eval = problems.mapping(raw["eval"], EVAL_KEYS, f"{at}.eval")
-    return stage
-
-
-def _training_stages(earlier: list[Stage]) -> list[str]:
-    """Names of the earlier stages that produce a model (what `model.from` may name)."""
-    return [s.name for s in earlier if METHODS[s.method].config_class]
-
-
-def _parse_export_stage(
-    stage: Stage, raw: dict[str, Any], earlier: list[Stage], at: str, problems: Problems
-) -> Stage:
-    """An export stage takes the model of an earlier training stage (by default the last one)."""
-    for key in ("data", "train", "peft", "tokenizer"):
-        if raw.get(key):
-            problems.add(f"{at}.{key}: an export stage takes only 'model', 'export' and 'eval'")
-    model = problems.mapping(raw.get("model"), {"from"}, f"{at}.model")
-    trained = _training_stages(earlier)
-    source = model.get("from") or (trained[-1] if trained else None)
-    if source not in trained:
-        problems.add(
-            f"{at}.model.from: export needs an earlier training stage (earlier: {', '.join(trained) or 'none'})"
-        )
-    stage.model = {"from": source}
-    stage.export = {
-        "quant": "q8_0",
-        "verify": True,
-        **problems.mapping(raw.get("export"), EXPORT_KEYS, f"{at}.export"),
-    }
-    if raw.get("eval") is not None:
-        stage.eval = problems.mapping(raw["eval"], EVAL_KEYS, f"{at}.eval")
-    return stage
+        return None
+    return tokenizer
 
 
 def _parse_peft(raw: Any, where: str, problems: Problems) -> dict[str, Any]:
@@ -342,28 +337,47 @@ def _parse_peft(raw: Any, where: str, problems: Problems) -> dict[str, Any]:
     return section
 
 
+def _input_files(values: Any, schema: Any) -> list[tuple[str, str]]:
+    """(field, path) of a section's fields that name input files (`metadata={"input": "file"}`)."""
+    schema = resolve(schema) if schema is not None else None
+    if not isinstance(values, dict) or not dataclasses.is_dataclass(schema):
+        return []
+    return [
+        (f.name, values[f.name])
+        for f in dataclasses.fields(schema)
+        if f.metadata.get("input") == "file" and isinstance(values.get(f.name), str)
+    ]
+
+
 def check_inputs(recipe: Recipe, problems: Problems) -> None:
     """Report every input a recipe names that is not there, as far as that can be told without the
-    network: data files, eval files, model and tokenizer folders (a Hub id is checked when it loads)."""
+    network: data files, the files a section names, model and tokenizer folders (a Hub id is checked when it
+    loads); then each stage kind's own preflight (e.g. that reward functions import and answer)."""
     from toolkit.data.loading import local_path_problem
 
     stages = {s.name: s for s in recipe.stages}
+    hooks = section_hooks()
     for stage in recipe.stages:
+        kind = get_stage(stage.method)
         at = f"{problems.where}: stages.{stage.name}"
         for key in ("sources", "eval_sources"):
             for i, entry in enumerate(stage.data.get(key) or []):
                 path = entry.get("path") if isinstance(entry, dict) else None
                 if isinstance(path, str) and (problem := local_path_problem(path)):
                     problems.add(f"{at}.data.{key}[{i}]: {path}: {problem}")
-        for key in ("tasks", "perplexity"):
-            path = (stage.eval or {}).get(key)
-            if isinstance(path, str) and not Path(path).is_file():
-                problems.add(f"{at}.eval.{key}: file not found: {path}")
+        sections = [("eval", stage.eval, hooks["eval"].schema if "eval" in hooks else None)]
+        sections.append((kind.section, stage.options, kind.schema))
+        for section, values, schema in sections:
+            for key, path in _input_files(values, schema):
+                if not Path(path).is_file():
+                    problems.add(f"{at}.{section}.{key}: file not found: {path}")
         for key, value in (("model.path", stage.model.get("path")), ("tokenizer", stage.tokenizer)):
             if not isinstance(value, str) or (key == "tokenizer" and value in stages):
                 continue
             if problem := local_path_problem(value, folder=True):
                 problems.add(f"{at}.{key}: {value}: {problem}")
+        if kind.preflight is not None:
+            resolve(kind.preflight)(stage, at, problems)
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -69,10 +69,21 @@ def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra)
     _assert_verified(q8)
 
 
-def test_run_folder_resolves_to_newest_stage(decoder_dir, tmp_path):
+def test_run_folder_resolves_to_its_last_model_stage_in_recipe_order(decoder_dir, tmp_path):
+    """The recipe's order decides, not file times: `sft` is exported although `pretrain/final` was written
+    after it."""
+    import os
+
     run = tmp_path / "runs" / "demo"
-    for stage in ("pretrain", "sft"):
+    for stage in ("sft", "pretrain"):
         shutil.copytree(decoder_dir, run / stage / "final")
+    (run / "sft" / "final" / "marker").write_text("sft")
+    os.utime(run / "sft" / "final", (1, 1))
+    stages = [{"name": "pretrain", "method": "pretrain"}, {"name": "sft", "method": "sft"}]
+    (run / "recipe.yaml").write_text(json.dumps({"name": "demo", "stages": stages}))
+    from export.source import resolve_source
+
+    assert resolve_source(run).folder == run / "sft" / "final"
     result = export_gguf(run, "f16", verify=False)
     assert result.path == run / "gguf" / "demo-f16.gguf"
     assert gguf.GGUFReader(result.path).fields["general.name"].contents() == "demo"

@@ -23,6 +23,7 @@ def test_lora_run_is_merged_then_exported(decoder_dir, tmp_path):
     final = tmp_path / "runs" / "lora-demo" / "sft" / "final"
     peft_model.save_pretrained(final)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(final)
+    (final.parents[1] / "recipe.yaml").write_text("name: lora-demo\nstages: [{name: sft, method: sft}]\n")
     adapter_config = json.loads((final / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(base_dir)
 

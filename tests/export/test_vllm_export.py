@@ -117,6 +117,7 @@ def test_lora_run_gives_merged_and_adapter_folders(run, tmp_path):
     )
     peft_model.save_pretrained(final)
     AutoTokenizer.from_pretrained(base).save_pretrained(final)
+    (lora_run / "recipe.yaml").write_text("name: lora-run\nstages: [{name: lora, method: sft}]\n")
 
     result = export_vllm(lora_run, tmp_path / "out")
     assert result.ok, result.report["verification"]

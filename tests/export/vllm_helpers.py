@@ -75,7 +75,7 @@ def make_model(folder: Path, tokenizer: Any, seed: int = 0, preset: str = "decod
     config."""
     from transformers import AutoModelForCausalLM
 
-    from eval.accuracy import end_of_turn_ids
+    from toolkit.data.tokenizer import end_of_turn_ids
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(preset_config(preset, tokenizer, 1)).eval()
@@ -98,9 +98,9 @@ def make_run(root: Path) -> Path:
     (run / "sft" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     (run / "sft" / "eval.json").write_text(json.dumps(EVAL))
     # Stand-ins for what `toolkit export ollama` writes; the push only lists and uploads them.
-    (run / "gguf" / "final").mkdir(parents=True)
-    (run / "gguf" / "final" / "tiny-q8_0.gguf").write_bytes(b"GGUF" + bytes(60))
-    (run / "gguf" / "final" / "Modelfile").write_text("FROM ./tiny-q8_0.gguf\n")
+    (run / "gguf").mkdir(parents=True)
+    (run / "gguf" / "tiny-q8_0.gguf").write_bytes(b"GGUF" + bytes(60))
+    (run / "gguf" / "Modelfile").write_text("FROM ./tiny-q8_0.gguf\n")
     return run
 
 

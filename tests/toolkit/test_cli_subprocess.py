@@ -106,6 +106,10 @@ def test_eval_prints_accuracy_and_perplexity(workdir):
 
 
 def test_commands_that_need_no_model(tmp_path):
+    methods = toolkit("methods", cwd=tmp_path).stdout
+    for line in ("pretrain", "sft", "dpo", "grpo", "rloo", "tokenizer", "export"):
+        assert any(row.split()[:1] == [line] for row in methods.splitlines()), methods
+    assert "GRPOConfig" in methods and "eval:" in methods
     out = toolkit("arch", "list", cwd=tmp_path).stdout
     assert all(f"{arch}-tiny" in out for arch in ARCHS)
     info = json.loads(toolkit("arch", "info", "decoder-125m", "--json", cwd=tmp_path).stdout)

@@ -70,7 +70,7 @@ def test_train_keys_are_exactly_the_trl_config_fields():
         ),
         (with_stage(2, method="sfft"), "unknown key 'sfft' in stages[2] (sft).method (did you mean 'sft'?)"),
         (with_stage(1, model={"presett": "decoder-tiny"}), "(did you mean 'preset'?)"),
-        (with_stage(2, model={"from": "dpo"}), "'dpo' is not an earlier training stage"),
+        (with_stage(2, model={"from": "dpo"}), "'dpo' is not an earlier stage with a model"),
         (with_stage(2, data={}), "stages.sft.data.sources: list at least one data source"),
         (with_stage(2, train={"output_dir": "x"}), "set by the runner"),
         (with_stage(2, peft={"r": 8, "lora_alfa": 16}), "did you mean 'lora_alpha'?"),

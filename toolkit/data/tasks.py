@@ -23,6 +23,7 @@ import random
 import re
 import string
 import zlib
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -394,3 +395,20 @@ def statement(row: dict, rng: random.Random) -> str:
     """The row's fact as a plain-English sentence, e.g. "17 plus 25 is 42." (for pretraining text)."""
     task = TASKS[row["task"]]
     return rng.choice(task.statements)(parse_prompt(row["task"], row["prompt"]), row["answer"])
+
+
+def score_answers(rows: list[dict], predictions: list[str], samples: int = 5) -> dict:
+    """Overall and per-task exact-match accuracy of `predictions` for rows `{"task", "prompt", "answer"}`."""
+    hits: dict[str, list[bool]] = defaultdict(list)
+    for row, prediction in zip(rows, predictions, strict=True):
+        hits[row.get("task", "all")].append(score(prediction, row["answer"]))
+    every = [h for task in hits.values() for h in task]
+    return {
+        "accuracy": sum(every) / max(len(every), 1),
+        "n": len(every),
+        "per_task": {task: sum(h) / len(h) for task, h in sorted(hits.items())},
+        "samples": [
+            {"prompt": r["prompt"], "answer": r["answer"], "prediction": p}
+            for r, p in zip(rows[:samples], predictions[:samples], strict=True)
+        ],
+    }

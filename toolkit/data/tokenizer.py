@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
@@ -163,3 +164,41 @@ def _replace_dir(new: Path, target: Path) -> None:
         raise
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def end_of_turn_tokens(tokenizer: Any, extra_ids: Iterable[int] = ()) -> list[str]:
+    """The tokens that end an assistant turn, the one definition every consumer uses (generation configs, the
+    vLLM folder, Ollama's stops, the evaluation's `generate`): the special token the chat template puts right
+    after an assistant message (found by rendering one, so it holds for any template, not only ChatML), the
+    tokenizer's EOS, and `extra_ids` (the EOS ids a model's configs list: `folder_eos_ids`)."""
+    stops: list[str] = []
+    special = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.added_tokens_encoder), key=len)
+    if isinstance(tokenizer.chat_template, str):
+        marker = "A1-end-probe"
+        conversation = [{"role": "user", "content": "U1"}, {"role": "assistant", "content": marker}]
+        try:
+            text = tokenizer.apply_chat_template(conversation, tokenize=False)
+        except Exception:  # a template may reject the probe's shape; the EOS ids alone then
+            text = ""
+        after = text[text.index(marker) + len(marker) :] if marker in text else ""
+        stops += [t for t in reversed(special) if after.startswith(t)][:1]
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stops += [tokenizer.convert_ids_to_tokens(i) for i in [*ids, *extra_ids]]
+    return list(dict.fromkeys(stops))
+
+
+def end_of_turn_ids(tokenizer: Any, extra_ids: Iterable[int] = ()) -> list[int]:
+    """`end_of_turn_tokens` as sorted token ids."""
+    return sorted({int(tokenizer.convert_tokens_to_ids(t)) for t in end_of_turn_tokens(tokenizer, extra_ids)})
+
+
+def folder_eos_ids(folder: str | Path) -> list[int]:
+    """The EOS ids a model folder's generation_config.json and config.json list."""
+    import json
+
+    ids: list[int] = []
+    for name in ("generation_config.json", "config.json"):
+        path = Path(folder) / name
+        value = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
+        ids += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
+    return ids

@@ -1,14 +1,16 @@
-"""Trainer callbacks that write a run's metrics: `metrics.jsonl` while training, a loss-curve PNG at the end."""
+"""Trainer callbacks that write a run's metrics (`metrics.jsonl`, while training) and the plots of them (at the end)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from toolkit.io import atomic_path
+from toolkit.run_folder import read_metrics
 
 
 class MetricsCallback(TrainerCallback):
@@ -34,18 +36,11 @@ class MetricsCallback(TrainerCallback):
             handle.write(json.dumps(record) + "\n")
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a `metrics.jsonl` file ([] when absent)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str = "") -> Path | None:
-    """Plot training loss (and eval loss when logged) against step; None when there is nothing to plot."""
-    records = read_metrics(metrics_path)
-    curves = {key: [(r["step"], r[key]) for r in records if key in r] for key in ("loss", "eval_loss")}
+def _figure(records: list[dict[str, Any]], keys: tuple[str, ...], title: str, out_png: Path) -> Path | None:
+    """One PNG of `keys` against step; None when none of them was logged."""
+    curves = {
+        key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))] for key in keys
+    }
     curves = {key: points for key, points in curves.items() if points}
     if not curves:
         return None
@@ -59,7 +54,7 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str = "")
         steps, values = zip(*points, strict=True)
         ax.plot(steps, values, label=key, marker="." if len(points) < 30 else None)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(keys[0] if len(keys) == 1 else "value")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -67,4 +62,27 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path, title: str = "")
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-    return Path(out_png)
+    return out_png
+
+
+# What every training stage plots; a method adds its own measures (its TrainerSpec's `plots`).
+COMMON_PLOTS: tuple[tuple[str, ...], ...] = (("loss", "eval_loss"), ("learning_rate",), ("grad_norm",))
+
+
+def plot_name(keys: tuple[str, ...]) -> str:
+    """`loss.png`, `rewards-margins.png`, ...: the first key, made a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", keys[0]).strip("-") + ".png"
+
+
+def plot_stage(
+    metrics_path: str | Path, plots_dir: str | Path, title: str, extra: tuple[tuple[str, ...], ...] = ()
+) -> list[Path]:
+    """Plot a stage's `metrics.jsonl`: loss, learning rate, grad norm, then the method's own measures (each
+    group of keys one PNG in `plots_dir`). Returns the files written."""
+    records = read_metrics(metrics_path)
+    written = []
+    for keys in (*COMMON_PLOTS, *extra):
+        path = _figure(records, keys, title, Path(plots_dir) / plot_name(keys))
+        if path is not None:
+            written.append(path)
+    return written

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from toolkit.run_folder import read_metrics
 from toolkit.train.runner import StageResult
 
 
@@ -19,12 +21,12 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
         tasks = sorted({t for r in evaluated for t in r.eval.get("tasks", {}).get("per_task", {})})
         header = ["stage", "accuracy", "answer nll", "perplexity", *tasks]
         rows = []
-        for r in evaluated:
-            acc = r.eval.get("tasks", {})
-            ppl = r.eval.get("perplexity", {}).get("perplexity")
+        for name, measured in _evaluations(evaluated):
+            acc = measured.get("tasks", {})
+            ppl = measured.get("perplexity", {}).get("perplexity")
             rows.append(
                 [
-                    r.name,
+                    name,
                     f"{acc['accuracy']:.3f}" if acc else "-",
                     f"{acc['answer_nll']:.3f}" if "answer_nll" in acc else "-",
                     f"{ppl:.2f}" if ppl else "-",
@@ -32,16 +34,18 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
                 ]
             )
         lines += _table(header, rows) + [legend, ""]
-        samples = [r for r in evaluated if r.eval.get("tasks", {}).get("samples")]
+        samples = [(n, m) for n, m in _evaluations(evaluated) if m.get("tasks", {}).get("samples")]
         if samples:
+            width = max(len(n) for n, _ in samples)
             lines.append("Held-out prompts, answered by each stage:")
-            for i, first in enumerate(samples[0].eval["tasks"]["samples"]):
+            for i, first in enumerate(samples[0][1]["tasks"]["samples"]):
                 lines.append(f"  Q: {first['prompt']}   (expected: {first['answer']})")
-                for r in samples:
-                    answers = r.eval["tasks"]["samples"]
+                for name, measured in samples:
+                    answers = measured["tasks"]["samples"]
                     if i < len(answers):
-                        lines.append(f"     {r.name:>10}: {answers[i]['prediction'][:70]!r}")
+                        lines.append(f"     {name:>{width}}: {answers[i]['prediction'][:70]!r}")
             lines.append("")
+    lines += _rewards(results)
     for r in evaluated:
         measures = r.eval.get("verification")
         if measures:
@@ -60,6 +64,38 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
         if plot.exists():
             lines.append(f"  {'':>10}  {plot}")
     return "\n".join(lines)
+
+
+def _evaluations(results: list[StageResult]) -> list[tuple[str, dict[str, Any]]]:
+    """(row name, measures) per evaluated stage; a stage evaluated before it trained gets a row for that first."""
+    rows = []
+    for r in results:
+        if "before" in r.eval:
+            rows.append((f"{r.name} (before)", r.eval["before"]))
+        rows.append((r.name, r.eval))
+    return rows
+
+
+def _rewards(results: list[StageResult], window: int = 10) -> list[str]:
+    """For RL stages: the mean reward and the share of prompt groups without reward variance, over the first
+    and the last `window` logged steps."""
+    lines = []
+    for r in results:
+        logged = [m for m in read_metrics(r.final.parent / "metrics.jsonl") if "reward" in m]
+        if not logged:
+            continue
+        first, last = logged[:window], logged[-window:]
+
+        def mean(rows: list[dict[str, Any]], key: str) -> float:
+            values = [m[key] for m in rows if isinstance(m.get(key), (int, float))]
+            return sum(values) / len(values) if values else float("nan")
+
+        lines.append(
+            f"{r.name}: reward {mean(first, 'reward'):.3f} (first {len(first)} logged steps) -> "
+            f"{mean(last, 'reward'):.3f} (last {len(last)}); groups with zero reward variance "
+            f"{mean(first, 'frac_reward_zero_std'):.0%} -> {mean(last, 'frac_reward_zero_std'):.0%}"
+        )
+    return [*lines, ""] if lines else []
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -55,7 +55,7 @@ def test_tokens_are_whole_and_embedding_padded(run_dir):
 
 
 def test_gguf_carries_added_tokens_with_their_ids(run_dir):
-    path = next((run_dir / "gguf" / "final").glob("*.gguf"))
+    path = next((run_dir / "gguf").glob("*.gguf"))
     reader = gguf.GGUFReader(path)
     tokens = reader.fields["tokenizer.ggml.tokens"]
     types = reader.fields["tokenizer.ggml.token_type"]
@@ -65,7 +65,7 @@ def test_gguf_carries_added_tokens_with_their_ids(run_dir):
     assert text[400:403] == ["<tool>", "</tool>", "<perspective>"]
     assert kind[400:403] == [CONTROL] * 3
     assert text[447] == "[PAD447]" and kind[447] == UNUSED
-    report = json.loads(next((run_dir / "gguf" / "final").glob("*.report.json")).read_text())
+    report = json.loads(next((run_dir / "gguf").glob("*.report.json")).read_text())
     # The added tokens' text is among those tokenized by both.
     assert report["measures"]["tokenization_identical"] == 1.0
     assert report["ok"]

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.toolkit.train.test_runner import head
 from toolkit import recipe as recipes
+from toolkit.run_folder import read_metrics
 from toolkit.train import run
-from toolkit.train.callbacks import read_metrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration_test]
 
@@ -79,7 +79,7 @@ def test_every_stage_finishes_with_a_verified_gguf(runs):
         model = AutoModelForCausalLM.from_pretrained(chat_dir / stage / "final")
         assert model.config.model_type == arch
         assert read_metrics(chat_dir / stage / "metrics.jsonl")
-    report = json.loads(next((chat_dir / "gguf" / "final").glob("*.report.json")).read_text())
+    report = json.loads(next((chat_dir / "gguf").glob("*.report.json")).read_text())
     assert report["ok"], report["checks"]
     assert report["measures"]["tokenization_identical"] == 1.0
     evaluation = json.loads((chat_dir / "gguf" / "eval.json").read_text())

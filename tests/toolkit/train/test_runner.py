@@ -8,9 +8,10 @@ import yaml
 
 from toolkit import recipe as recipes
 from toolkit.errors import ToolkitError
+from toolkit.run_folder import RunFolder, StageFolder, read_metrics
+from toolkit.stages import StageContext
 from toolkit.train import run
-from toolkit.train.callbacks import read_metrics
-from toolkit.train.runner import CHECKPOINTING_KEYS, _trainer_args
+from toolkit.train.trainer_stage import CHECKPOINTING_KEYS, trainer_args
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration_test]
 
@@ -90,6 +91,14 @@ def finished_run(tmp_path_factory):
     return recipe, results
 
 
+def args_of(recipe, index, tokenizer):
+    """The TRL config the trainer stage builds for stage `index` of `recipe`."""
+    run_folder = RunFolder(recipe.output_dir)
+    stage = recipe.stages[index]
+    context = StageContext(recipe, stage, run_folder, StageFolder(run_folder, stage.name, stage.method))
+    return trainer_args(context, tokenizer)
+
+
 def mean(values):
     return sum(values) / len(values)
 
@@ -164,8 +173,12 @@ def test_failed_stage_keeps_earlier_stages_and_resume_finishes(tmp_path):
     assert (root / "sft" / "final" / "model.safetensors").exists()
     assert not (root / "dpo" / "final").exists()
     raw["stages"][3]["data"]["sources"] = [head("data/preference/train.jsonl", 50, tmp_path / "p.jsonl")]
-    results = run(recipes.parse(raw), resume=True)
+    with pytest.raises(ToolkitError, match=r"changed: stages\.dpo\.data\.sources\. .*--resume-changed"):
+        run(recipes.parse(raw), resume=True)
+    results = run(recipes.parse(raw), resume=True, resume_changed=["stages.dpo.data.sources"])
     assert [r.skipped for r in results] == [True, True, True, False]
+    accepted = json.loads((root / "resume.json").read_text())
+    assert accepted[0]["accepted"] == ["stages.dpo.data.sources"]
 
 
 @pytest.mark.parametrize("key", [None, *CHECKPOINTING_KEYS])
@@ -180,7 +193,7 @@ def test_recipe_decides_activation_checkpointing_under_either_name(tmp_path, key
     if key:
         stage["train"][key] = True
     recipe = recipes.parse(raw)
-    args = _trainer_args(recipe.stages[1], recipe, tmp_path / "stage", tokenizer=None)
+    args = args_of(recipe, 1, tokenizer=None)
     enabled = (
         args.activation_checkpointing if "activation_checkpointing" in fields else args.gradient_checkpointing
     )
@@ -195,9 +208,8 @@ def test_sft_learns_the_answers_only_with_the_toolkit_template(finished_run, tmp
     recipe, _ = finished_run
     tokenizer = AutoTokenizer.from_pretrained(recipe.output_dir / "tok" / "final")
     assert "{%- generation %}" in tokenizer.chat_template
-    sft = recipe.stages[2]
-    assert _trainer_args(sft, recipe, tmp_path / "a", tokenizer).assistant_only_loss is True
+    assert args_of(recipe, 2, tokenizer).assistant_only_loss is True
     raw = tiny_recipe(tmp_path)
     raw["stages"][2]["train"]["assistant_only_loss"] = False
     explicit = recipes.parse(raw)
-    assert _trainer_args(explicit.stages[2], explicit, tmp_path / "b", tokenizer).assistant_only_loss is False
+    assert args_of(explicit, 2, tokenizer).assistant_only_loss is False

@@ -7,6 +7,10 @@ its GGUF and vLLM exports exact.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import ClassVar
+
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
@@ -18,6 +22,11 @@ class DecoderConfig(PreTrainedConfig):
 
     model_type = "decoder"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # What transformers reads when a config names no remote code. TRL looks `config.auto_map` up to rebuild a
+    # reference model of a class it cannot find in `transformers` (RLOO, GRPO with beta > 0), and a config
+    # without the attribute raises there. A class attribute, read-only and never serialized; a remote-code
+    # export writes its own into config.json.
+    auto_map: ClassVar[Mapping[str, str]] = MappingProxyType({})
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",

@@ -7,6 +7,10 @@ the vLLM export plan renames them into `GPT2Config`'s keys (see export_plan.py).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import ClassVar
+
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 
@@ -17,6 +21,11 @@ class PrometheusConfig(PreTrainedConfig):
 
     model_type = "prometheus"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # What transformers reads when a config names no remote code. TRL looks `config.auto_map` up to rebuild a
+    # reference model of a class it cannot find in `transformers` (RLOO, GRPO with beta > 0), and a config
+    # without the attribute raises there. A class attribute, read-only and never serialized; a remote-code
+    # export writes its own into config.json.
+    auto_map: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     vocab_size: int = 4096
     hidden_size: int = 256

@@ -1,0 +1,202 @@
+"""Reward functions for the RL stages (GRPO, RLOO), named in a recipe's `rewards:` section.
+
+    rewards:
+      - {builtin: exact_answer}                       # 1 when the answer checks (toolkit.data.tasks.score)
+      - {builtin: format, weight: 0.2}                # 1 when the answer is one line and nothing else
+      - {function: my_rewards:brevity, weight: 0.5}   # any importable function
+
+A function is called the way TRL calls it: `fn(prompts=..., completions=..., completion_ids=..., **columns)`,
+every dataset column (`answer`, `task`, ...) as a keyword argument holding one value per completion, and
+returns one float (or None) per completion. The weights go to TRL's `reward_weights`.
+
+Before any stage runs, every function is imported and called once on two real rows of the stage's data with a
+dummy completion, so that an import error, a wrong signature or a wrong return is reported naming the function
+(`preflight`), not discovered after a pretraining stage has run for an hour.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from toolkit.data.tasks import score
+from toolkit.errors import nearest
+from toolkit.schema import Problems
+from toolkit.stages import StageContext, resolve
+
+
+def completion_text(completion: Any) -> str:
+    """A completion's text, whether TRL passes it as a string or as a conversation (a list of messages)."""
+    if isinstance(completion, list):
+        return "".join(str(m.get("content") or "") for m in completion if isinstance(m, dict))
+    return str(completion)
+
+
+def exact_answer(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
+    """1.0 when the completion gives the row's `answer` by the rule that built the checkable tasks."""
+    return [float(score(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]
+
+
+def answer_format(completions: list[Any], **_: Any) -> list[float]:
+    """1.0 when the completion is one non-empty line without chat markup: an answer, not a conversation."""
+    texts = [completion_text(c).strip() for c in completions]
+    return [float(bool(t) and "\n" not in t and "<|" not in t) for t in texts]
+
+
+LENGTH_LIMIT = 64  # characters: longer than any checkable answer in data/
+
+
+def length(completions: list[Any], **_: Any) -> list[float]:
+    """From 1.0 for an empty completion down to 0.0 at LENGTH_LIMIT characters and beyond: prefers brevity."""
+    return [1.0 - min(len(completion_text(c)), LENGTH_LIMIT) / LENGTH_LIMIT for c in completions]
+
+
+answer_format.__name__ = "format"
+BUILTINS: dict[str, tuple[Callable[..., list[float]], tuple[str, ...]]] = {
+    # name -> (function, dataset columns it needs)
+    "exact_answer": (exact_answer, ("answer",)),
+    "format": (answer_format, ()),
+    "length": (length, ()),
+}
+REWARD_KEYS = {"builtin", "function", "weight", "name"}
+
+
+def parse_rewards(raw: Any, at: str, problems: Problems) -> list[dict[str, Any]]:
+    """The `rewards:` section: a non-empty list of {builtin: NAME} or {function: "module:function"}, each with an
+    optional weight (default 1.0) and name. Entries keep their places (problems name `rewards[i]`)."""
+    if not isinstance(raw, list) or not raw:
+        problems.add(f"{at}: list the reward functions, e.g. [{{builtin: exact_answer}}]")
+        return []
+    return [_parse_reward(entry, f"{at}[{i}]", problems) for i, entry in enumerate(raw)]
+
+
+def _parse_reward(entry: Any, where: str, problems: Problems) -> dict[str, Any]:
+    entry = problems.mapping(entry, REWARD_KEYS, where)
+    kinds = [k for k in ("builtin", "function") if k in entry]
+    if len(kinds) != 1:
+        problems.add(
+            f"{where}: give one of 'builtin' ({', '.join(BUILTINS)}) or 'function' (module:function)"
+        )
+    elif "builtin" in entry and entry["builtin"] not in BUILTINS:
+        guess = nearest(str(entry["builtin"]), BUILTINS)
+        hint = f" (did you mean '{guess}'?)" if guess else ""
+        problems.add(
+            f"{where}.builtin: unknown reward '{entry['builtin']}'{hint}; built-ins: {', '.join(BUILTINS)}"
+        )
+    elif "function" in entry and (not isinstance(entry["function"], str) or ":" not in entry["function"]):
+        problems.add(f"{where}.function: give 'module:function', got {entry['function']!r}")
+    weight = entry.get("weight", 1.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        problems.add(f"{where}.weight is {weight!r}; expected a number")
+        weight = 1.0
+    return {**entry, "weight": float(weight)}
+
+
+def _valid(entry: dict[str, Any]) -> bool:
+    """An entry `parse_rewards` found nothing wrong with (the others are reported already)."""
+    if "builtin" in entry:
+        return entry["builtin"] in BUILTINS and "function" not in entry
+    return isinstance(entry.get("function"), str) and ":" in entry["function"]
+
+
+def reward_function(entry: dict[str, Any]) -> Callable[..., list[float | None]]:
+    """The callable an entry names, with the name TRL logs its reward under (`rewards/<name>/mean`)."""
+    if "builtin" in entry:
+        fn = BUILTINS[entry["builtin"]][0]
+        name = entry.get("name") or entry["builtin"]
+    else:
+        # A module beside the recipe run is found as `python -m` would find it: the working directory first.
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        fn = resolve(entry["function"])
+        name = entry.get("name") or entry["function"].rpartition(":")[2]
+    if getattr(fn, "__name__", None) == name:
+        return fn
+    wrapped = functools.wraps(fn)(functools.partial(fn))
+    wrapped.__name__ = name
+    return wrapped
+
+
+def config_values(ctx: StageContext, tokenizer: Any) -> dict[str, Any]:
+    """TRL's `reward_weights`, from the section's weights."""
+    return {"reward_weights": [entry["weight"] for entry in ctx.stage.options or []]}
+
+
+def trainer_rewards(ctx: StageContext, model: Any, tokenizer: Any, peft_config: Any) -> dict[str, Any]:
+    return {"reward_funcs": [reward_function(entry) for entry in ctx.stage.options or []]}
+
+
+def _first_rows(stage: Any, count: int = 2) -> tuple[list[dict[str, Any]], str] | None:
+    """The first rows of the stage's first data source, as read (before normalisation), and its path; None when
+    it cannot be read (the data checks report why)."""
+    from toolkit.data.loading import DataSource, open_source
+
+    sources = stage.data.get("sources") or []
+    if not sources:
+        return None
+    try:
+        source = DataSource.from_dict(dict(sources[0]), where="")
+        rows, _ = open_source(source)
+        first = [r.data for r in itertools.islice(rows(), count) if r.data is not None]
+    except Exception:  # reported by the data checks, with file and line
+        return None
+    return (first, source.path) if first else None
+
+
+def preflight(stage: Any, at: str, problems: Problems) -> None:
+    """Import every reward function and call it on two real rows with a dummy completion; check the data has
+    what the method and the built-ins read."""
+    found = _first_rows(stage)
+    if found is None:
+        return
+    rows, path = found
+    columns = sorted({key for row in rows for key in row})
+    listed = ", ".join(f"`{c}`" for c in columns)
+    if "prompt" not in columns:
+        problems.add(f"{at}: {stage.method} needs a `prompt` column; {path} has {listed}")
+        return
+    for i, entry in enumerate(stage.options or []):
+        where = f"{at}.rewards[{i}]"
+        if not _valid(entry):
+            continue
+        if "builtin" in entry:
+            missing = [c for c in BUILTINS[entry["builtin"]][1] if c not in columns]
+            if missing:
+                problems.add(
+                    f"{where}: {entry['builtin']} needs the column `{missing[0]}`; {path} has {listed}"
+                )
+                continue
+        try:
+            fn = reward_function(entry)
+        except Exception as error:  # ImportError, AttributeError, errors raised at import
+            problems.add(
+                f"{where}.function: cannot import '{entry['function']}': {type(error).__name__}: {error}"
+            )
+            continue
+        problem = _call_problem(fn, rows)
+        if problem:
+            problems.add(f"{where}: reward '{fn.__name__}' {problem}")
+
+
+def _call_problem(fn: Callable[..., Any], rows: list[dict[str, Any]]) -> str | None:
+    """Why `fn` fails TRL's calling convention on `rows` (None when it answers one number per completion)."""
+    prompts = [row["prompt"] for row in rows]
+    conversational = isinstance(prompts[0], list)
+    dummy = [{"role": "assistant", "content": "42"}] if conversational else "42"
+    extra = {key: [row.get(key) for row in rows] for key in rows[0] if key != "prompt"}
+    try:
+        result = fn(
+            prompts=prompts, completions=[dummy] * len(rows), completion_ids=[[0]] * len(rows), **extra
+        )
+    except Exception as error:
+        return f"raised {type(error).__name__}: {error} (called as TRL calls it: prompts, completions, completion_ids, {', '.join(extra)})"
+    if not isinstance(result, (list, tuple)) or len(result) != len(rows):
+        return f"returned {type(result).__name__} {result!r:.60}; expected a list of {len(rows)} numbers, one per completion"
+    bad = [v for v in result if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)))]
+    if bad:
+        return f"returned {bad[0]!r} for a completion; expected a number (or None)"
+    return None

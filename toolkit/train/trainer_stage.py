@@ -1,0 +1,263 @@
+"""The generic trainer stage: every training method (pretrain, sft, dpo, grpo, rloo, ...) is this one function,
+parametrised by its `TrainerSpec` in the stage registry.
+
+It loads the tokenizer and the model (a fresh preset, an earlier stage's `final/`, a folder or a Hub id), the
+data as the method's row kind, builds the method's TRL config from the recipe's `train:` keys over the
+toolkit's defaults, builds the trainer with whatever the method adds (a reference model, reward functions),
+trains (resuming from the newest complete checkpoint when asked), and writes `final/` atomically with the
+tokenizer, the chat template and a generation config that stops at every end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from toolkit.data.tokenizer import end_of_turn_ids
+from toolkit.errors import RecipeError, ToolkitError
+from toolkit.io import write_text
+from toolkit.recipe import Stage
+from toolkit.run_folder import read_metrics
+from toolkit.stages import StageContext, StageOutcome, TrainerSpec, resolve
+from toolkit.train.callbacks import MetricsCallback, plot_stage
+from toolkit.train.checkpoints import resume_checkpoint
+
+# Activation checkpointing's trainer argument: transformers 5.2x renamed `gradient_checkpointing` (kept as a
+# deprecated alias that yields to the new name), earlier 5.x releases have only the old name.
+CHECKPOINTING_KEYS = ("activation_checkpointing", "gradient_checkpointing")
+
+
+def cpu_only() -> bool:
+    """True on a machine with no accelerator that torch can train on."""
+    xpu = getattr(torch, "xpu", None)
+    return not (
+        torch.cuda.is_available() or torch.backends.mps.is_available() or (xpu and xpu.is_available())
+    )
+
+
+def device_defaults(fields: set[str], train: dict[str, Any]) -> dict[str, Any]:
+    """Trainer settings that depend on the hardware, applied under the recipe's own `train:` keys; `fields`
+    are the trainer config's field names.
+
+    TRL defaults to bf16 and activation checkpointing, which only slow a CPU down; on a GPU both stay. A recipe
+    that names checkpointing under either name decides it: a default under the other name would override it.
+    """
+    if torch.cuda.is_available():
+        return {"bf16": torch.cuda.is_bf16_supported()}
+    defaults = {"bf16": False, "fp16": False, "dataloader_pin_memory": False, "use_cpu": cpu_only()}
+    if not any(key in train for key in CHECKPOINTING_KEYS):
+        defaults[next(key for key in CHECKPOINTING_KEYS if key in fields)] = False
+    return defaults
+
+
+def resolve_model_path(stage: Stage, run_dir: Path) -> str:
+    """Where a stage's starting weights come from: an earlier stage's `final/`, a local folder or a Hub id."""
+    if "from" in stage.model:
+        return str(run_dir / stage.model["from"] / "final")
+    return str(stage.model["path"])
+
+
+def load_tokenizer(stage: Stage, run_dir: Path) -> PreTrainedTokenizerBase:
+    """The stage's tokenizer: a tokenizer stage's output, an explicit path/Hub id, or the model's own."""
+    ref = stage.tokenizer
+    if ref is None:
+        source = resolve_model_path(stage, run_dir)
+    elif (run_dir / ref / "final").exists():
+        source = str(run_dir / ref / "final")
+    else:
+        source = ref
+    trust = bool(stage.model.get("trust_remote_code", False))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust)
+    except (OSError, ValueError) as error:
+        raise ToolkitError(f"stages.{stage.name}: cannot load a tokenizer from '{source}': {error}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad token; masks keep it out of the loss
+    added = stage.model.get("add_special_tokens") or []
+    # Special: never split, never merged with neighbours, kept whole by llama.cpp (exported as control tokens).
+    # A token the vocabulary already has keeps its id and becomes special; a new one is appended.
+    if added:
+        tokenizer.add_special_tokens({"extra_special_tokens": list(added)})
+    return tokenizer
+
+
+def vocab_rows(stage: Stage, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Embedding rows for `tokenizer`: its length, rounded up to `model.pad_vocab_to_multiple_of` when set
+    (tensor cores and K-quant blocks prefer multiples of 64; the GGUF export names the spare rows)."""
+    multiple = stage.model.get("pad_vocab_to_multiple_of") or 1
+    return -(-len(tokenizer) // multiple) * multiple
+
+
+def load_model(stage: Stage, run_dir: Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A fresh model from a preset (sized to the tokenizer), or pretrained weights (safetensors only)."""
+    from toolkit.models import build_config, register_auto_classes
+
+    register_auto_classes()
+    spec = stage.model
+    if "preset" in spec:
+        config = build_config(
+            spec["preset"],
+            vocab_size=vocab_rows(stage, tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **spec.get("config", {}),
+        )
+        if spec.get("attn_implementation"):
+            config._attn_implementation = spec["attn_implementation"]
+        return AutoModelForCausalLM.from_config(config)
+    source = resolve_model_path(stage, run_dir)
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": bool(spec.get("trust_remote_code", False)),  # never run remote code unasked
+        "use_safetensors": True,  # no pickle: weights load from safetensors only
+    }
+    for key in ("dtype", "attn_implementation", "revision"):
+        if spec.get(key):
+            kwargs[key] = spec[key]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ToolkitError(f"stages.{stage.name}.model: cannot load '{source}': {error}") from None
+    if spec.get("config"):
+        raise RecipeError(f"stages.{stage.name}.model.config: config overrides apply only to a preset")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # Tokens added to the tokenizer need embedding rows; transformers starts them at the mean of the
+        # existing rows (and the tied or separate LM head with them), so they begin as an average token.
+        model.resize_token_embeddings(
+            len(tokenizer), pad_to_multiple_of=stage.model.get("pad_vocab_to_multiple_of")
+        )
+    return model
+
+
+def load_data(stage: Stage, kind: str, spec: TrainerSpec, seed: int) -> tuple[Any, Any]:
+    """The stage's training (and held-out) rows as `kind`, with the columns the trainer reads."""
+    from toolkit.data.loading import DataSource, load_mixture
+
+    def mixture(key: str) -> Any:
+        sources = [
+            DataSource.from_dict(dict(s), where=f"stages.{stage.name}.data.{key}[{i}]")
+            for i, s in enumerate(stage.data.get(key) or [])
+        ]
+        if not sources:
+            return None
+        dataset = load_mixture(sources, kind, seed=seed)
+        if spec.keep_columns:
+            return dataset
+        return dataset.select_columns([c for c in spec.columns if c in dataset.column_names])
+
+    train, held_out = mixture("sources"), mixture("eval_sources")
+    fraction = stage.data.get("eval_fraction")
+    if fraction and held_out is None:
+        split = train.train_test_split(test_size=fraction, seed=seed)
+        train, held_out = split["train"], split["test"]
+    return train, held_out
+
+
+def trainer_args(ctx: StageContext, tokenizer: PreTrainedTokenizerBase | None) -> Any:
+    """The method's TRL config: runner defaults, then the hardware's, the method's, what the method derives
+    from the stage, and last the recipe's own `train:` keys, which win."""
+    stage, spec = ctx.stage, ctx.kind.trainer
+    config_class = resolve(spec.config)
+    from toolkit.recipe import trainer_fields
+
+    values: dict[str, Any] = {
+        "logging_steps": 10,
+        "save_strategy": "steps",
+        "save_steps": 500,
+        "save_total_limit": 2,
+        "report_to": "none",
+        **device_defaults(trainer_fields(stage.method), stage.train),
+        **spec.defaults,
+    }
+    if spec.config_values:
+        values.update(resolve(spec.config_values)(ctx, tokenizer))
+    values.update(stage.train)
+    values["output_dir"] = str(ctx.folder.checkpoints)
+    values["seed"] = ctx.recipe.seed
+    try:
+        return config_class(**values)
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"stages.{stage.name}.train: {error}") from None
+
+
+def peft_config(stage: Stage) -> Any:
+    if not stage.peft:
+        return None
+    from peft import LoraConfig
+
+    options = {k: v for k, v in stage.peft.items() if k != "method"}
+    options.setdefault("task_type", "CAUSAL_LM")
+    options.setdefault("target_modules", "all-linear")
+    return LoraConfig(**options)
+
+
+def run(ctx: StageContext) -> StageOutcome:
+    """Train the stage and write its `final/`."""
+    from toolkit.train.runner import distributed_state
+
+    stage, kind, spec = ctx.stage, ctx.kind, ctx.kind.trainer
+    run_dir = ctx.run_folder.path
+    tokenizer = load_tokenizer(stage, run_dir)
+    model = load_model(stage, run_dir, tokenizer)
+    with distributed_state().main_process_first():  # one rank fills the datasets cache, the others read it
+        train_data, eval_data = load_data(stage, kind.data_kind, spec, ctx.recipe.seed)
+    args = trainer_args(ctx, tokenizer)
+    adapter = peft_config(stage)
+    extras = resolve(spec.extras)(ctx, model, tokenizer, adapter) if spec.extras else {}
+    trainer = resolve(spec.trainer)(
+        model=model,
+        args=args,
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        peft_config=adapter,
+        callbacks=[MetricsCallback(ctx.folder.metrics)],
+        **extras,
+    )
+    checkpoint = resume_checkpoint(Path(args.output_dir), stage.name) if ctx.resume else None
+    if trainer.is_world_process_zero():
+        keep_metrics(ctx.folder.metrics, checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    save_final(trainer, trainer.model, tokenizer, ctx.folder.final)
+    if trainer.is_world_process_zero():
+        plot_stage(ctx.folder.metrics, ctx.folder.plots, f"{ctx.recipe.name}: {stage.name}", spec.plots)
+    return StageOutcome(final=ctx.folder.final, model=trainer.model, tokenizer=tokenizer)
+
+
+def keep_metrics(path: Path, checkpoint: str | None) -> None:
+    """Before a stage (re)starts: keep the logged records up to the checkpoint it resumes from, drop the rest,
+    which the resumed run logs again (so `metrics.jsonl` and the plots hold each step once)."""
+    if not path.exists():
+        return
+    step = int(Path(checkpoint).name.rpartition("-")[2]) if checkpoint else 0
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def save_final(trainer: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, final: Path) -> None:
+    """Write `final/` (weights or adapter, tokenizer, chat template, generation config) atomically."""
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        # Every end-of-turn token stops generation, in transformers and in whatever serves the export.
+        generation_config.eos_token_id = end_of_turn_ids(tokenizer)
+        generation_config.pad_token_id = tokenizer.pad_token_id
+    # Every rank calls save_model (it is a collective under FSDP/ZeRO-3); only the main process writes.
+    # The folder is filled under a temporary name and renamed: `final/` exists only when complete.
+    tmp = final.parent / ".final.tmp"
+    main = trainer.is_world_process_zero()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    if main:
+        tokenizer.save_pretrained(str(tmp))
+        if final.exists():  # a resumed stage that had written final/ but not its done marker
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    trainer.accelerator.wait_for_everyone()
