@@ -152,3 +152,9 @@ def test_train_runs_a_recipe_and_reports_every_problem_first(tmp_path):
     out = toolkit("train", "r.yaml", cwd=tmp_path).stdout
     assert (tmp_path / "runs" / "cli" / "pretrain" / "final" / "model.safetensors").exists()
     assert "pretrain" in out
+    # Overrides after options too, as users type them.
+    toolkit("train", "r.yaml", "--overwrite", "stages.pretrain.train.max_steps=3", cwd=tmp_path)
+    logged = (tmp_path / "runs/cli/pretrain/metrics.jsonl").read_text().splitlines()
+    assert json.loads(logged[-1])["step"] == 3
+    wrong = toolkit("train", "r.yaml", "--overwrit", cwd=tmp_path, ok=False)
+    assert wrong.returncode == 2 and "unrecognized arguments: --overwrit" in wrong.stderr
