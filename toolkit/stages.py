@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from toolkit.errors import RecipeError, unknown_key_message
+from toolkit.models.registry import import_path
 
 if TYPE_CHECKING:
     from toolkit.recipe import Recipe, Stage
@@ -35,12 +36,8 @@ ENTRY_POINT_GROUP = "forge_toolkit.stages"
 COMMON_KEYS = ("name", "method", "model", "tokenizer", "data", "train", "peft", "eval")
 
 
-def resolve(target: str | Callable | type) -> Any:
-    """`"package.module:name"` -> the object; anything else is returned as it is."""
-    if not isinstance(target, str):
-        return target
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
+# `"package.module:name"` -> the object; anything else is returned as it is (the architecture table's rule).
+resolve: Callable[[str | Callable | type], Any] = import_path
 
 
 @dataclass(frozen=True)
