@@ -156,5 +156,5 @@ def test_train_runs_a_recipe_and_reports_every_problem_first(tmp_path):
     toolkit("train", "r.yaml", "--overwrite", "stages.pretrain.train.max_steps=3", cwd=tmp_path)
     logged = (tmp_path / "runs/cli/pretrain/metrics.jsonl").read_text().splitlines()
     assert json.loads(logged[-1])["step"] == 3
-    wrong = toolkit("train", "r.yaml", "--overwrit", cwd=tmp_path, ok=False)
-    assert wrong.returncode == 2 and "unrecognized arguments: --overwrit" in wrong.stderr
+    wrong = toolkit("train", "r.yaml", "--force", cwd=tmp_path, ok=False)
+    assert wrong.returncode == 2 and "unrecognized arguments: --force" in wrong.stderr
