@@ -9,17 +9,13 @@ from typing import Any
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from dataclasses import asdict
 
-    from eval.stages import evaluate_model
-    from toolkit.models import register_auto_classes
+    from eval.stages import EvalOptions, evaluate_model, load_model_folder
 
-    register_auto_classes()
-    model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    result = evaluate_model(
-        model, tokenizer, {"tasks": args.tasks, "perplexity": args.perplexity, "limit": args.limit}
-    )
+    model, tokenizer = load_model_folder(args.model)
+    options = EvalOptions(tasks=args.tasks, perplexity=args.perplexity, limit=args.limit)
+    result = evaluate_model(model, tokenizer, asdict(options))
     print(json.dumps(result, indent=2))
     return 0
 

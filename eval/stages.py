@@ -8,6 +8,7 @@ runner runs it without importing this package.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from toolkit.io import read_jsonl
@@ -29,23 +30,36 @@ class EvalOptions:
     before: bool = False  # also the stage's starting model, before it trains (kept under "before")
 
 
+def load_model_folder(folder: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer) of an HF model folder, any registered architecture, weights from safetensors only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from toolkit.models import register_auto_classes
+
+    register_auto_classes()
+    return AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True), AutoTokenizer.from_pretrained(
+        folder
+    )
+
+
 def evaluate_model(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, Any]:
-    """Task accuracy on a checkable-task file and/or perplexity on a text file, for a model in memory."""
+    """Task accuracy on a checkable-task file and/or perplexity on a text file, for a model in memory; `spec`
+    is an `eval:` section (EvalOptions, every field present)."""
     from eval.accuracy import task_accuracy
     from eval.perplexity import perplexity
 
     result: dict[str, Any] = {}
-    if spec.get("tasks"):
-        rows = read_jsonl(spec["tasks"])[: spec.get("limit")]
+    if spec["tasks"]:
+        rows = read_jsonl(spec["tasks"])[: spec["limit"]]
         result["tasks"] = task_accuracy(
             model,
             tokenizer,
             rows,
-            max_new_tokens=spec.get("max_new_tokens", 24),
-            batch_size=spec.get("batch_size", 32),
-            samples=spec.get("samples", 5),
+            max_new_tokens=spec["max_new_tokens"],
+            batch_size=spec["batch_size"],
+            samples=spec["samples"],
         )
-    if spec.get("perplexity"):
+    if spec["perplexity"]:
         texts = [r["text"] for r in read_jsonl(spec["perplexity"])]
         result["perplexity"] = perplexity(model, tokenizer, texts)
     return result
@@ -55,13 +69,7 @@ def evaluate_stage(context: Any, outcome: Any, spec: dict[str, Any]) -> dict[str
     """The hook: the stage's model as it left training (or reloaded from its `final/`)."""
     model, tokenizer = outcome.model, outcome.tokenizer
     if model is None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from toolkit.models import register_auto_classes
-
-        register_auto_classes()
-        model = AutoModelForCausalLM.from_pretrained(outcome.final, use_safetensors=True)
-        tokenizer = AutoTokenizer.from_pretrained(outcome.final)
+        model, tokenizer = load_model_folder(outcome.final)
     return evaluate_model(model, tokenizer, spec)
 
 

@@ -296,8 +296,9 @@ def plan_upload(src: str | Path, repo_id: str, license: str | None = None) -> li
     check_self_contained(folder)
     items = [UploadItem(p.name, p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "README.md"]
     run, _ = find_run(folder, _export_report(folder))
-    modelfile = run.gguf_dir / "Modelfile" if run is not None else None
-    extras = [*run.gguf_files(), *([modelfile] if modelfile.exists() else [])] if run is not None else []
+    extras = []
+    if run is not None:
+        extras = [*run.gguf_files(), *[p for p in [run.gguf_dir / "Modelfile"] if p.exists()]]
     taken = {item.path_in_repo for item in items}
     for path in extras:
         if path.name in taken:

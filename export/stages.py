@@ -62,14 +62,12 @@ def run_export(ctx: StageContext) -> StageOutcome:
         "gguf": str(result.gguf.path),
         "verification": (result.gguf.report or {}).get("measures"),
     }
-    options = ctx.stage.eval or {}
-    if options.get("tasks"):
-        rows = read_jsonl(options["tasks"])[: options.get("limit")]
-        answers = chat_answers(
-            result.gguf.path, [r["prompt"] for r in rows], options.get("max_new_tokens", 24)
-        )
+    options = ctx.stage.eval  # the eval package's EvalOptions, every field present
+    if options and options["tasks"]:
+        rows = read_jsonl(options["tasks"])[: options["limit"]]
+        answers = chat_answers(result.gguf.path, [r["prompt"] for r in rows], options["max_new_tokens"])
         evaluation["tasks"] = {
-            **score_answers(rows, answers, options.get("samples", 5)),
+            **score_answers(rows, answers, options["samples"]),
             "runtime": "llama.cpp",
         }
     details = {"gguf": str(result.gguf.path), "modelfile": str(result.modelfile)}

@@ -60,7 +60,7 @@ DATA_KEYS = {"sources", "eval_sources", "eval_fraction"}
 @dataclass
 class Stage:
     """One validated stage of a recipe. `options` is the stage kind's own section (e.g. `export:`,
-    `rewards:`), `sections` the values of section hooks other than `eval` (none yet)."""
+    `rewards:`); `eval` the values of the `eval:` section hook."""
 
     name: str
     method: str
@@ -102,15 +102,10 @@ class Recipe:
         }
 
 
-def import_object(path: str) -> Any:
-    """`"trl:SFTConfig"` -> the class."""
-    return resolve(path)
-
-
 def trainer_fields(method: str) -> set[str]:
     """The keys a `train:` section may hold for `method` (none for a stage that does not train)."""
     spec = get_stage(method).trainer
-    return set(field_types(import_object(spec.config))) if spec else set()
+    return set(field_types(resolve(spec.config))) if spec else set()
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -223,7 +218,7 @@ def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str, problem
     if "tokenizer" in kind.keys:
         stage.tokenizer = _parse_tokenizer_ref(raw.get("tokenizer"), stage, earlier, at, problems)
     if kind.trainer is not None:
-        types_ = field_types(import_object(kind.trainer.config))
+        types_ = field_types(resolve(kind.trainer.config))
         stage.train = problems.mapping(raw.get("train"), types_, f"{at}.train")
         check_values(stage.train, types_, f"{at}.train", problems)
         if "output_dir" in stage.train:

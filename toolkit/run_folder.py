@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from toolkit.errors import ToolkitError
+from toolkit.io import read_jsonl
 
 STAGE_DONE = "stage.json"
 
@@ -36,10 +37,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a `metrics.jsonl` file ([] when absent)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path) if Path(path).exists() else []
 
 
 @dataclass(frozen=True)

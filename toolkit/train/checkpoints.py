@@ -19,6 +19,12 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 
 
+def checkpoint_step(folder: str | Path) -> int | None:
+    """N of a `checkpoint-N` folder (None for any other name)."""
+    match = CHECKPOINT.match(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
 def checkpoint_problem(folder: Path) -> str | None:
     """Why `folder` is not a complete checkpoint (None when it is)."""
     state = folder / "trainer_state.json"
@@ -28,8 +34,8 @@ def checkpoint_problem(folder: Path) -> str | None:
         step = json.loads(state.read_text()).get("global_step")
     except json.JSONDecodeError:
         return "trainer_state.json is cut short"
-    match = CHECKPOINT.match(folder.name)
-    if match and step != int(match.group(1)):
+    named = checkpoint_step(folder)
+    if named is not None and step != named:
         return f"trainer_state.json is for step {step}"
     if not any((folder / name).exists() for name in WEIGHTS):
         return "no weights"
@@ -42,9 +48,7 @@ def checkpoints(output_dir: Path) -> list[Path]:
     """`checkpoint-N` folders of `output_dir`, newest step first."""
     if not output_dir.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT.match(p.name))
-    ]
+    found = [(n, p) for p in output_dir.iterdir() if p.is_dir() and (n := checkpoint_step(p)) is not None]
     return [p for _, p in sorted(found, reverse=True)]
 
 

@@ -77,33 +77,29 @@ def parse_rewards(raw: Any, at: str, problems: Problems) -> list[dict[str, Any]]
     return [_parse_reward(entry, f"{at}[{i}]", problems) for i, entry in enumerate(raw)]
 
 
-def _parse_reward(entry: Any, where: str, problems: Problems) -> dict[str, Any]:
-    entry = problems.mapping(entry, REWARD_KEYS, where)
+def _entry_problem(entry: dict[str, Any], where: str) -> str | None:
+    """What is wrong with what a reward entry names (None when it names one built-in or one function)."""
     kinds = [k for k in ("builtin", "function") if k in entry]
     if len(kinds) != 1:
-        problems.add(
-            f"{where}: give one of 'builtin' ({', '.join(BUILTINS)}) or 'function' (module:function)"
-        )
-    elif "builtin" in entry and entry["builtin"] not in BUILTINS:
+        return f"{where}: give one of 'builtin' ({', '.join(BUILTINS)}) or 'function' (module:function)"
+    if "builtin" in entry and entry["builtin"] not in BUILTINS:
         guess = nearest(str(entry["builtin"]), BUILTINS)
         hint = f" (did you mean '{guess}'?)" if guess else ""
-        problems.add(
-            f"{where}.builtin: unknown reward '{entry['builtin']}'{hint}; built-ins: {', '.join(BUILTINS)}"
-        )
-    elif "function" in entry and (not isinstance(entry["function"], str) or ":" not in entry["function"]):
-        problems.add(f"{where}.function: give 'module:function', got {entry['function']!r}")
+        return f"{where}.builtin: unknown reward '{entry['builtin']}'{hint}; built-ins: {', '.join(BUILTINS)}"
+    if "function" in entry and (not isinstance(entry["function"], str) or ":" not in entry["function"]):
+        return f"{where}.function: give 'module:function', got {entry['function']!r}"
+    return None
+
+
+def _parse_reward(entry: Any, where: str, problems: Problems) -> dict[str, Any]:
+    entry = problems.mapping(entry, REWARD_KEYS, where)
+    if problem := _entry_problem(entry, where):
+        problems.add(problem)
     weight = entry.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         problems.add(f"{where}.weight is {weight!r}; expected a number")
         weight = 1.0
     return {**entry, "weight": float(weight)}
-
-
-def _valid(entry: dict[str, Any]) -> bool:
-    """An entry `parse_rewards` found nothing wrong with (the others are reported already)."""
-    if "builtin" in entry:
-        return entry["builtin"] in BUILTINS and "function" not in entry
-    return isinstance(entry.get("function"), str) and ":" in entry["function"]
 
 
 def reward_function(entry: dict[str, Any]) -> Callable[..., list[float | None]]:
@@ -164,7 +160,7 @@ def preflight(stage: Any, at: str, problems: Problems) -> None:
         return
     for i, entry in enumerate(stage.options or []):
         where = f"{at}.rewards[{i}]"
-        if not _valid(entry):
+        if _entry_problem(entry, where):  # reported when the section was parsed
             continue
         if "builtin" in entry:
             missing = [c for c in BUILTINS[entry["builtin"]][1] if c not in columns]

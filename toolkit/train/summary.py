@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from toolkit.run_folder import read_metrics
+from toolkit.run_folder import RunFolder, StageFolder, read_metrics
 from toolkit.train.runner import StageResult
 
 
@@ -45,7 +45,7 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
                     if i < len(answers):
                         lines.append(f"     {name:>{width}}: {answers[i]['prediction'][:70]!r}")
             lines.append("")
-    lines += _rewards(results)
+    lines += _rewards(RunFolder(run_dir), results)
     for r in evaluated:
         measures = r.eval.get("verification")
         if measures:
@@ -76,12 +76,12 @@ def _evaluations(results: list[StageResult]) -> list[tuple[str, dict[str, Any]]]
     return rows
 
 
-def _rewards(results: list[StageResult], window: int = 10) -> list[str]:
+def _rewards(run: RunFolder, results: list[StageResult], window: int = 10) -> list[str]:
     """For RL stages: the mean reward and the share of prompt groups without reward variance, over the first
     and the last `window` logged steps."""
     lines = []
     for r in results:
-        logged = [m for m in read_metrics(r.final.parent / "metrics.jsonl") if "reward" in m]
+        logged = [m for m in read_metrics(StageFolder(run, r.name, r.method).metrics) if "reward" in m]
         if not logged:
             continue
         first, last = logged[:window], logged[-window:]

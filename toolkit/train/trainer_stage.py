@@ -26,7 +26,7 @@ from toolkit.recipe import Stage
 from toolkit.run_folder import read_metrics
 from toolkit.stages import StageContext, StageOutcome, TrainerSpec, resolve
 from toolkit.train.callbacks import MetricsCallback, plot_stage
-from toolkit.train.checkpoints import resume_checkpoint
+from toolkit.train.checkpoints import checkpoint_step, resume_checkpoint
 
 # Activation checkpointing's trainer argument: transformers 5.2x renamed `gradient_checkpointing` (kept as a
 # deprecated alias that yields to the new name), earlier 5.x releases have only the old name.
@@ -235,7 +235,7 @@ def keep_metrics(path: Path, checkpoint: str | None) -> None:
     which the resumed run logs again (so `metrics.jsonl` and the plots hold each step once)."""
     if not path.exists():
         return
-    step = int(Path(checkpoint).name.rpartition("-")[2]) if checkpoint else 0
+    step = (checkpoint_step(checkpoint) or 0) if checkpoint else 0
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
     write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
