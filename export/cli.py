@@ -66,6 +66,7 @@ def run_ollama(args: argparse.Namespace) -> int:
 
 def run_vllm(args: argparse.Namespace) -> int:
     from export.verify_hf import markdown_table as folder_table
+    from export.verify_vllm import markdown_table as vllm_table
     from export.vllm import export_vllm
 
     result = export_vllm(
@@ -76,11 +77,15 @@ def run_vllm(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         force=args.force,
         verify=args.verify,
+        verify_in=args.verify_in,
     )
     print(f"wrote {result.path} ({result.form}, {result.dtype}, {result.seconds:.2f} s)")
     for name, section in (result.report.get("verification") or {}).items():
-        print(folder_table(section, f"{name}: {result.path}"))
+        table = vllm_table if section.get("kind") == "vllm" else folder_table
+        print(table(section, f"{name}: {result.path}"))
     print(f"report: {result.path / 'export_report.json'}")
+    if args.verify and "vllm" not in result.report.get("verified_in", []):
+        print("note: not checked in vLLM itself (no vLLM environment here; `make vllm-env` sets one up)")
     print(f"serve: toolkit serve {result.path}")
     if not result.ok:
         print("verification FAILED: a bound was missed (see the table above)", file=sys.stderr)
@@ -124,7 +129,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vllm.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     vllm.add_argument("--force", action="store_true", help="replace an existing output folder")
     vllm.add_argument(
-        "--no-verify", dest="verify", action="store_false", help="skip the clean-process verification"
+        "--no-verify", dest="verify", action="store_false", help="skip verification (clean process and vLLM)"
+    )
+    vllm.add_argument(
+        "--verify-in",
+        default="auto",
+        choices=["auto", "clean", "vllm"],
+        help="clean: a fresh process without forge-toolkit; vllm: that and vLLM itself (needs `make vllm-env`); "
+        "auto (default): vllm where a vLLM environment is set up, else clean",
     )
     vllm.set_defaults(func=run_vllm)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 def run_serve(args: argparse.Namespace) -> int:
     from export.serve import format_command, run, serve_command
 
-    argv = serve_command(args.src, port=args.port, max_model_len=args.max_model_len)
+    argv = serve_command(args.src, host=args.host, port=args.port, max_model_len=args.max_model_len)
     print(format_command(argv), flush=True)
     if args.run:
         run(argv)
@@ -33,7 +33,8 @@ def register_top_level(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="print (or --run) the `vllm serve` command for an export")
     serve.add_argument("src", type=Path, help="folder from `toolkit export vllm`, or a run folder")
     serve.add_argument("--run", action="store_true", help="execute the command instead of printing only")
-    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--host", default=None, help="address to bind (default: vLLM's, every interface)")
+    serve.add_argument("--port", type=int, default=None, help="default: vLLM's (8000)")
     serve.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
     serve.set_defaults(func=run_serve)
 

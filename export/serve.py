@@ -12,13 +12,17 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 from pathlib import Path
 
 from toolkit.errors import ExportError
 
 # `--max-lora-rank` takes one of these values; the adapter's rank is rounded up to the next.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank(rank: int) -> int:
+    """The `--max-lora-rank` (`max_lora_rank`) vLLM accepts for an adapter of rank `rank`."""
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
 
 
 def find_export(src: str | Path) -> Path:
@@ -49,7 +53,12 @@ def tensor_parallel_size(config: dict, gpus: int) -> int:
 
 
 def serve_command(
-    src: str | Path, *, gpus: int | None = None, port: int | None = None, max_model_len: int | None = None
+    src: str | Path,
+    *,
+    gpus: int | None = None,
+    host: str | None = None,
+    port: int | None = None,
+    max_model_len: int | None = None,
 ) -> list[str]:
     """The `vllm serve` argv for the export at SRC."""
     folder = find_export(src).resolve()
@@ -76,18 +85,26 @@ def serve_command(
     if lora:
         adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
         argv += ["--enable-lora", "--lora-modules", f"adapter={folder / 'adapter'}"]
-        rank = next((r for r in VLLM_LORA_RANKS if r >= adapter.get("r", 8)), VLLM_LORA_RANKS[-1])
-        argv += ["--max-lora-rank", str(rank)]
+        argv += ["--max-lora-rank", str(lora_rank(adapter.get("r", 8)))]
+    if host:
+        argv += ["--host", host]
     if port:
         argv += ["--port", str(port)]
     return argv
 
 
 def run(argv: list[str]) -> None:
-    """Replace this process with `argv` (a `vllm serve` command)."""
-    if shutil.which(argv[0]) is None:
-        raise ExportError("vllm is not installed here: `pip install vllm` on a machine with a CUDA GPU")
-    os.execvp(argv[0], argv)
+    """Replace this process with `argv` (a `vllm serve` command), with the `vllm` on PATH or else the vLLM
+    environment's (`make vllm-env`)."""
+    from export.verify_vllm import SETUP, vllm_executable
+
+    executable = vllm_executable()
+    if executable is None:
+        raise ExportError(
+            f"vllm is not installed here: `{SETUP}` sets up vLLM's own environment (the CPU build without a "
+            "GPU), or `pip install vllm` on a machine with a CUDA GPU"
+        )
+    os.execv(executable, [str(executable), *argv[1:]])
 
 
 def format_command(argv: list[str]) -> str:

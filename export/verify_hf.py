@@ -12,9 +12,8 @@ The source model runs here (the toolkit registered); the exported folder runs in
 - the class that loaded (the native architecture for a rewrite, a `transformers_modules` class for remote
   code) and that the project was not importable,
 - that every checkpoint tensor name matched a parameter of that class and none was missing (vLLM's loaders
-  refuse unknown names where transformers only warns),
-- for remote code, the logits of the prompts packed into one sequence and run the way vLLM's Transformers
-  backend runs a model (`clean_load.backend_logits`): max |delta| <= 1e-5.
+  refuse unknown names where transformers only warns).
+vLLM itself, where its environment is set up, is the check of how vLLM runs the folder (export/verify_vllm.py).
 """
 
 from __future__ import annotations
@@ -33,18 +32,12 @@ from toolkit.errors import ExportError
 
 GREEDY_TOKENS = 16
 MAX_ABS_LOGIT_DELTA = 1e-5
-# The Transformers-backend check runs in float64 on both sides (export/clean_load.py, BACKEND_DTYPE), where a
-# correct folder differs by ~1e-13 whatever the order of summation.
-BACKEND_MAX_ABS_LOGIT_DELTA = 1e-9
 CHILD = Path(__file__).with_name("clean_load.py")
 CHILD_TIMEOUT_S = 600
 
 
-def run_clean(
-    folder: Path, *, remote_code: bool, adapter: Path | None = None, transformers_backend: bool = False
-) -> dict[str, Any]:
-    """What `folder` (plus `adapter`) computes in a fresh interpreter that cannot import forge-toolkit; with
-    `transformers_backend`, also as vLLM's Transformers backend would run it."""
+def run_clean(folder: Path, *, remote_code: bool, adapter: Path | None = None) -> dict[str, Any]:
+    """What `folder` (plus `adapter`) computes in a fresh interpreter that cannot import forge-toolkit."""
     import torch
 
     with tempfile.TemporaryDirectory(prefix="clean-load-") as tmp:
@@ -57,7 +50,6 @@ def run_clean(
             "prompts": PROMPTS,
             "conversation": CONVERSATION,
             "greedy_tokens": GREEDY_TOKENS,
-            "transformers_backend": transformers_backend,
             "out": str(Path(tmp) / "result.pt"),
         }
         (Path(tmp) / "request.json").write_text(json.dumps(request))
@@ -122,15 +114,30 @@ def reference(
             min_new_tokens=GREEDY_TOKENS,
             pad_token_id=tokenizer.pad_token_id,
         )[0, len(chat_ids) :].tolist()
-        # The Transformers-backend check's reference (in float64, as that check runs).
-        logits64 = [model.double()(input_ids=torch.tensor([row])).logits[0] for row in ids]
+        # For the check in vLLM (export/verify_vllm.py): every prompt and the chat prompt, their logits, and a
+        # greedy continuation of each taken from the raw logits with nothing masked or stopping it (vLLM's
+        # `ignore_eos`), with the log-probability of every generated token.
+        rows = ids + [chat_ids]
+        row_logits = logits + [model(input_ids=torch.tensor([chat_ids])).logits[0]]
+        row_greedy, row_greedy_logprobs = [], []
+        for row in rows:
+            sequence, logprobs = list(row), []
+            for _ in range(GREEDY_TOKENS):
+                last = torch.log_softmax(model(input_ids=torch.tensor([sequence])).logits[0, -1].double(), -1)
+                token = int(last.argmax())
+                sequence.append(token)
+                logprobs.append(float(last[token]))
+            row_greedy.append(sequence[len(row) :])
+            row_greedy_logprobs.append(logprobs)
     return {
         "ids": ids,
         "chat_ids": chat_ids,
         "logits": logits,
-        "logits64": logits64,
         "greedy": greedy,
         "rounding": rounding,
+        "row_logits": row_logits,
+        "row_greedy": row_greedy,
+        "row_greedy_logprobs": row_greedy_logprobs,
     }
 
 
@@ -168,16 +175,9 @@ def compare(source: dict[str, Any], exported: dict[str, Any], expected_class: st
         _check("loads_without_forge_toolkit", float(not exported["project_importable"]), "==", 1.0),
         _check("checkpoint_names_match", float(not exported["loading_problems"]), "==", 1.0),
     ]
-    if exported["backend_logits"] is not None or exported["backend_error"]:
-        backend = exported["backend_logits"]
-        delta = float("inf") if backend is None else max_abs_delta(source["logits64"], backend)
-        checks.append(
-            _check("transformers_backend_max_abs_logit_delta", delta, "<=", BACKEND_MAX_ABS_LOGIT_DELTA)
-        )
     return {
         "loaded_class": exported["loaded_class"],
         "loading_problems": exported["loading_problems"],
-        "transformers_backend_error": exported["backend_error"],
         "expected_class": expected_class,
         "greedy_tokens": GREEDY_TOKENS,
         "measures": {c["measure"]: c["value"] for c in checks}
@@ -196,10 +196,20 @@ def verify_folder(
     expected_class: str,
     adapter: Path | None = None,
     source_adapter: Path | None = None,
+    source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Load `folder` (with `adapter`) in a clean process and compare it with `source_folder` (with
-    `source_adapter`); returns the report section (`ok` is False when a bound is missed)."""
-    source = reference(
+    `source_adapter`), or with `source` when its `reference` was computed already; returns the report section
+    (`ok` is False when a bound is missed)."""
+    if source is None:
+        source = source_reference(source_folder, dtype, source_adapter)
+    exported = run_clean(folder, remote_code=remote_code, adapter=adapter)
+    return compare(source, exported, expected_class)
+
+
+def source_reference(source_folder: Path, dtype: str, source_adapter: Path | None = None) -> dict[str, Any]:
+    """`reference` of a source model folder, with its adapter (and the adapter's tokenizer, when it has one)."""
+    return reference(
         source_folder,
         dtype,
         adapter=source_adapter,
@@ -207,10 +217,6 @@ def verify_folder(
         if source_adapter and (source_adapter / "tokenizer.json").exists()
         else None,
     )
-    exported = run_clean(
-        folder, remote_code=remote_code, adapter=adapter, transformers_backend=remote_code and adapter is None
-    )
-    return compare(source, exported, expected_class)
 
 
 def markdown_table(section: dict[str, Any], title: str) -> str:
@@ -228,6 +234,4 @@ def markdown_table(section: dict[str, Any], title: str) -> str:
     lines.append(f"| dtype_rounding_max_abs | {section['measures']['dtype_rounding_max_abs']:.3g} | - | - |")
     for problem in section.get("loading_problems") or ():
         lines.append(f"\ncheckpoint: {problem}")
-    if section.get("transformers_backend_error"):
-        lines.append(f"\nTransformers backend: {section['transformers_backend_error']}")
     return "\n".join(lines)

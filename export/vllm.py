@@ -38,6 +38,8 @@ from toolkit.models.plans import VLLMPlan, get_plan
 from toolkit.models.registry import ARCHITECTURES, Architecture
 
 FORMS = ("auto", "native", "remote-code")
+# Where an export is verified: a clean process always; vLLM itself when asked, or in "auto" where it is set up.
+VERIFY_IN = ("auto", "clean", "vllm")
 # What vLLM's `--dtype` accepts for weights; "auto" keeps the source's when it is one of these.
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -407,16 +409,26 @@ def export_vllm(
     max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     verify: bool = True,
+    verify_in: str = "auto",
 ) -> VLLMResult:
     """Export SRC (run, stage, HF or LoRA folder) to a vLLM-servable folder, verified unless told not.
 
-    Everything that can refuse (plan, form, dtype, modelling-file imports, existing output) refuses before
+    Verification always loads the folder in a clean process without forge-toolkit (`export/verify_hf.py`);
+    with `verify_in` "vllm", or "auto" where a vLLM environment exists, vLLM itself serves it too
+    (`export/verify_vllm.py`); "clean" skips vLLM. Everything that can refuse (plan, form, dtype,
+    modelling-file imports, existing output, a missing vLLM environment that was asked for) refuses before
     anything is written. `export_report.json` in the folder holds the form and the measured parity.
     """
-    from export.verify_hf import verify_folder
+    from export.verify_hf import source_reference, verify_folder
+    from export.verify_vllm import require_vllm_python, verify_in_vllm, vllm_python
     from toolkit.models import register_auto_classes
 
     register_auto_classes()  # the source's config and tokenizer are read through the Auto classes
+    if verify_in not in VERIFY_IN:
+        raise ExportError(f"verify_in '{verify_in}' is not one of {', '.join(VERIFY_IN)}")
+    python = None
+    if verify and verify_in != "clean":
+        python = require_vllm_python() if verify_in == "vllm" else vllm_python()
     started = time.perf_counter()
     source = resolve_source(src, prompts=_prompts())
     try:
@@ -465,6 +477,7 @@ def export_vllm(
                 report["layout"] = {"merged": "merged", "base": "base", "adapter": "adapter"}
             remote = route.form == "remote-code"
             if verify:
+                model_source = source_reference(source.folder, dtype)
                 checks = {
                     "model": verify_folder(
                         model_dir,
@@ -472,9 +485,13 @@ def export_vllm(
                         dtype=dtype,
                         remote_code=remote,
                         expected_class=route.expected_class,
+                        source=model_source,
                     )
                 }
+                if python is not None:
+                    checks["vllm"] = verify_in_vllm(model_dir, model_source, form=route.form, python=python)
                 if lora:
+                    adapter_source = source_reference(base, dtype, Path(lora["adapter"]))
                     checks["adapter"] = verify_folder(
                         tmp / "base",
                         base,
@@ -482,9 +499,18 @@ def export_vllm(
                         remote_code=remote,
                         expected_class=route.expected_class,
                         adapter=tmp / "adapter",
-                        source_adapter=Path(lora["adapter"]),
+                        source=adapter_source,
                     )
+                    if python is not None:
+                        checks["vllm_adapter"] = verify_in_vllm(
+                            tmp / "base",
+                            adapter_source,
+                            form=route.form,
+                            adapter=tmp / "adapter",
+                            python=python,
+                        )
                 report["verification"] = checks
+                report["verified_in"] = ["clean"] + (["vllm"] if python is not None else [])
                 report["ok"] = all(section["ok"] for section in checks.values())
             report["seconds"] = time.perf_counter() - started
             write_json(tmp / "export_report.json", report)

@@ -12,10 +12,29 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+from export.verify_vllm import DISABLED, PYTHON_ENV, SETUP, vllm_python  # noqa: E402
+
+# The vLLM environment, if one is set up; then turned off for this process and its children, so that an
+# export's "auto" verification never starts a vLLM engine (a minute each) outside the `vllm`-marked tests,
+# fixtures of any scope included.
+VLLM_PYTHON = vllm_python()
+os.environ[PYTHON_ENV] = DISABLED
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA GPU")
+    if VLLM_PYTHON is None:
+        skips["vllm"] = pytest.mark.skip(reason=f"needs the vLLM environment: `{SETUP}` sets it up")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _vllm_where_marked(request, monkeypatch):
+    """`vllm`-marked tests get the vLLM environment back."""
+    if "vllm" in request.keywords and VLLM_PYTHON is not None:
+        monkeypatch.setenv(PYTHON_ENV, str(VLLM_PYTHON))

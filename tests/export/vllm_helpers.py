@@ -220,3 +220,85 @@ def native_logits(class_name: str, folder: Path, workdir: Path) -> torch.Tensor:
         capture_output=True,
     )
     return torch.load(out)
+
+
+# A conversation a tiny model learns by heart in seconds: asked the question, it answers and ends its turn.
+QUESTION = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "What is 12 + 30?"},
+]
+
+
+def teach_answer(model: Any, tokenizer: Any, answer: str, steps: int = 120, lr: float = 3e-3) -> None:
+    """Train `model` (a transformers or PEFT model) on QUESTION + `answer` until it answers that and ends its
+    turn: the loss on every token of the rendered conversation, so the end-of-turn token is learnt too."""
+    text = tokenizer.apply_chat_template(
+        QUESTION + [{"role": "assistant", "content": answer}], tokenize=False
+    )
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def greedy_reply(model: Any, tokenizer: Any, max_new_tokens: int = 24) -> tuple[str, bool]:
+    """transformers' greedy reply to QUESTION through the chat template, and whether it ended its turn."""
+    from toolkit.data.tokenizer import end_of_turn_ids
+
+    prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    stops = end_of_turn_ids(tokenizer)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )[0, ids.shape[1] :].tolist()
+    ended = bool(out) and out[-1] in stops
+    return tokenizer.decode(out, skip_special_tokens=True), ended
+
+
+def make_chat_model(folder: Path, tokenizer: Any, answer: str = "42.") -> Path:
+    """A two-layer `decoder` that answers QUESTION with `answer` and ends its turn, saved with an end-of-turn
+    generation config."""
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.data.tokenizer import end_of_turn_ids
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(preset_config("decoder-tiny", tokenizer, 2))
+    teach_answer(model, tokenizer, answer)
+    assert greedy_reply(model, tokenizer) == (answer, True)
+    model.generation_config.eos_token_id = end_of_turn_ids(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def make_chat_lora_run(root: Path, base: Path, tokenizer: Any, answer: str) -> Path:
+    """A LoRA run (runs/<name>/lora/final: adapter and tokenizer) on `base` whose adapter answers QUESTION
+    with `answer` instead."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
+    teach_answer(peft_model, tokenizer, answer, steps=150, lr=1e-2)
+    assert greedy_reply(peft_model, tokenizer) == (answer, True)
+    run = root / "chat-lora"
+    peft_model.save_pretrained(run / "lora" / "final")
+    tokenizer.save_pretrained(run / "lora" / "final")
+    (run / "recipe.yaml").write_text("name: chat-lora\nstages: [{name: lora, method: sft}]\n")
+    return run

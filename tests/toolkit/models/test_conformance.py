@@ -174,3 +174,30 @@ def test_arch_check_gives_a_verdict_for_every_target(arch):
     assert [v.target for v in result.targets] == list(TARGETS)
     assert all(v.detail for v in result.targets)
     assert all(v.name for v in result.targets if v.ok)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_interface_gets_the_callers_keywords_and_unrepeated_heads(arch):
+    """Through `ALL_ATTENTION_FUNCTIONS`, each layer's attention module (found by its `layer_idx`) receives the
+    keyword arguments given to the model's forward, and keys and values at the config's key/value head count
+    (repeated inside the attention function, not before): the contract of serving backends such as vLLM's,
+    which route their own state through those keywords and size their KV cache by that count."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    seen = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        seen.append((module.layer_idx, kwargs.get("marker"), key.shape[1], value.shape[1]))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("recording", recording)
+    model = tiny_model(arch, attn="sdpa")
+    reference = model(input_ids=torch.tensor([[5, 17, 42, 99]])).logits
+    model.config._attn_implementation = "recording"
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[5, 17, 42, 99]]), marker="from the caller").logits
+    kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
+    layers = model.config.num_hidden_layers
+    assert seen == [(i, "from the caller", kv_heads, kv_heads) for i in range(layers)]
+    torch.testing.assert_close(logits, reference)
