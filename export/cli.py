@@ -84,7 +84,7 @@ def run_vllm(args: argparse.Namespace) -> int:
         table = vllm_table if section.get("kind") == "vllm" else folder_table
         print(table(section, f"{name}: {result.path}"))
     print(f"report: {result.path / 'export_report.json'}")
-    if args.verify and "vllm" not in result.report.get("verified_in", []):
+    if args.verify and args.verify_in == "auto" and "vllm" not in result.report.get("verified_in", []):
         print("note: not checked in vLLM itself (no vLLM environment here; `make vllm-env` sets one up)")
     print(f"serve: toolkit serve {result.path}")
     if not result.ok:

@@ -52,25 +52,33 @@ def run_clean(folder: Path, *, remote_code: bool, adapter: Path | None = None) -
             "greedy_tokens": GREEDY_TOKENS,
             "out": str(Path(tmp) / "result.pt"),
         }
-        (Path(tmp) / "request.json").write_text(json.dumps(request))
-        # A private module cache: remote code is copied there, never into the user's HF cache.
-        env = {**os.environ, "HF_MODULES_CACHE": str(Path(tmp) / "modules"), "HF_HUB_OFFLINE": "1"}
-        env.pop("PYTHONPATH", None)
         try:
-            proc = subprocess.run(
-                [sys.executable, "-I", str(CHILD), str(Path(tmp) / "request.json")],
-                cwd=tmp,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=CHILD_TIMEOUT_S,
-            )
+            proc = run_child(Path(sys.executable), CHILD, request, Path(tmp), timeout=CHILD_TIMEOUT_S)
         except subprocess.TimeoutExpired as error:
             raise ExportError(f"loading {folder} in a clean process took over {CHILD_TIMEOUT_S} s") from error
         if proc.returncode != 0:
             tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
             raise ExportError(f"{folder} does not load without forge-toolkit:\n{tail}")
         return torch.load(request["out"], weights_only=True)
+
+
+def run_child(
+    python: Path, script: Path, request: dict[str, Any], workdir: Path, *, timeout: int
+) -> subprocess.CompletedProcess:
+    """`python -I script workdir/request.json` in `workdir`, output captured: the request written there first;
+    remote code copied into a private module cache there, never the user's HF cache; nothing fetched from the
+    Hub; PYTHONPATH dropped. Raises subprocess.TimeoutExpired past `timeout` seconds."""
+    (workdir / "request.json").write_text(json.dumps(request))
+    env = {**os.environ, "HF_MODULES_CACHE": str(workdir / "modules"), "HF_HUB_OFFLINE": "1"}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run(
+        [str(python), "-I", str(script), str(workdir / "request.json")],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def reference(

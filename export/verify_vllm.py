@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from export.verify import CONVERSATION, PROMPTS
+from export.verify_hf import run_child
 from toolkit.errors import ExportError
 
 PYTHON_ENV = "FORGE_VLLM_PYTHON"
@@ -116,20 +117,8 @@ def run_in_vllm(
             "lora": lora,
             "out": str(Path(tmp) / "result.json"),
         }
-        (Path(tmp) / "request.json").write_text(json.dumps(request))
-        # Remote code is copied into a private module cache, never the user's; nothing is fetched.
-        env = {**os.environ, "HF_MODULES_CACHE": str(Path(tmp) / "modules"), "HF_HUB_OFFLINE": "1"}
-        env.pop("PYTHONPATH", None)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         try:
-            proc = subprocess.run(
-                [str(python), "-I", str(CHILD), str(Path(tmp) / "request.json")],
-                cwd=tmp,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=CHILD_TIMEOUT_S,
-            )
+            proc = run_child(python, CHILD, request, Path(tmp), timeout=CHILD_TIMEOUT_S)
         except subprocess.TimeoutExpired as error:
             raise ExportError(f"vLLM took over {CHILD_TIMEOUT_S} s on {folder}") from error
         if proc.returncode != 0 or not Path(request["out"]).exists():
