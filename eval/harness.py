@@ -1,0 +1,104 @@
+"""lm-eval-harness tasks on a model: the toolkit's own tasks (`eval/tasks/`), a user's task folder, or any task
+name lm-eval knows, through lm-eval's own HF model class on the loaded model object (so the toolkit's
+registered architectures run exactly as transformers' own classes do).
+
+The result keeps lm-eval's `results` mapping (task -> metric -> value, e.g. `exact_match,none`, with
+`..._stderr,none`) and says what it was computed on: the artifact, its dtype, the chat template on or off,
+`limit`, the number of documents of each task, and lm-eval's version.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+TASKS_DIR = Path(__file__).with_name("tasks")
+LOCAL_TASKS = ("forge_heldout", "forge_corpus")
+
+
+def task_manager(include_path: list[str | Path] | None = None) -> Any:
+    """lm-eval's TaskManager with the toolkit's tasks and the user's folders (lm-eval's `--include_path`)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(TASKS_DIR), *map(str, include_path or [])])
+
+
+def run_tasks(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[str],
+    *,
+    include_path: list[str | Path] | None = None,
+    limit: int | None = None,
+    chat_template: bool = False,
+    batch_size: int = 1,
+    artifact: str | None = None,
+) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` on `model` for `tasks`; see the module docstring for what is returned."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    manager = task_manager(include_path)
+    unknown = [name for name in tasks if name not in manager.all_tasks]
+    if unknown:
+        from toolkit.errors import ToolkitError, nearest
+
+        guesses = {name: nearest(name, manager.all_tasks) for name in unknown}
+        hints = [
+            f"'{name}'" + (f" (did you mean '{guess}'?)" if guess else "") for name, guess in guesses.items()
+        ]
+        raise ToolkitError(
+            f"lm-eval knows no task {', '.join(hints)}; the toolkit's own: {', '.join(LOCAL_TASKS)}"
+        )
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    output = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        apply_chat_template=chat_template,
+        log_samples=False,
+    )
+    return {
+        "results": output["results"],
+        "n": {name: sample["effective"] for name, sample in output.get("n-samples", {}).items()},
+        "artifact": artifact,
+        "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+        "chat_template": chat_template,
+        "limit": limit,
+        "harness": f"lm-eval {lm_eval.__version__}",
+    }
+
+
+def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
+    """One table for one or more artifacts (rows) by task/metric (columns), value ± stderr."""
+    columns: list[tuple[str, str]] = []
+    for result in rows.values():
+        for task, metrics in result["results"].items():
+            for key in metrics:
+                if "," in key and "_stderr" not in key and (task, key) not in columns:
+                    columns.append((task, key))
+    lines = [
+        "| artifact | " + " | ".join(f"{task} {key.split(',')[0]}" for task, key in columns) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for name, result in rows.items():
+        cells = []
+        for task, key in columns:
+            metrics = result["results"].get(task, {})
+            value = metrics.get(key)
+            stderr = metrics.get(key.replace(",", "_stderr,", 1))
+            if not isinstance(value, (int, float)):
+                cells.append("")
+            elif isinstance(stderr, (int, float)):
+                cells.append(f"{value:.4g} ± {stderr:.2g}")
+            else:
+                cells.append(f"{value:.4g}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    first = next(iter(rows.values()))
+    lines += [
+        "",
+        f"chat template {'on' if first['chat_template'] else 'off'}; limit {first['limit']}; "
+        f"n {first['n']}; dtype {first['dtype']}; {first['harness']}",
+    ]
+    return "\n".join(lines)
