@@ -64,8 +64,8 @@ def register_commands(groups: dict[str, Any]) -> None:
     evaluate.add_argument("model")
     evaluate.add_argument(
         "--tasks",
-        help="lm-eval tasks, comma-separated (the toolkit's own: forge_heldout, forge_corpus; any name lm-eval "
-        "knows), or a checkable-task jsonl (task, prompt, answer)",
+        help="lm-eval tasks, comma-separated (the toolkit's own: forge_heldout, forge_heldout_choice, "
+        "forge_corpus; any name lm-eval knows), or a checkable-task jsonl (task, prompt, answer)",
     )
     evaluate.add_argument("--perplexity", help="jsonl with a text column")
     evaluate.add_argument("--limit", type=int, help="documents per task (rows of a jsonl)")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 TASKS_DIR = Path(__file__).with_name("tasks")
-LOCAL_TASKS = ("forge_heldout", "forge_corpus")
+LOCAL_TASKS = ("forge_heldout", "forge_heldout_choice", "forge_corpus")
 
 
 def task_manager(include_path: list[str | Path] | None = None) -> Any:

@@ -27,6 +27,31 @@ def load_heldout(**_: Any) -> Any:
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(_rows(DATA / "eval" / "heldout.jsonl"))})
 
 
+CHOICES = 4
+
+
+def load_heldout_choices(**_: Any) -> Any:
+    """The held-out questions as multiple choice: the answer and three other answers of the same task family
+    (distinct, drawn with a fixed seed), in an order fixed by the seed too; `gold` is the answer's index."""
+    import random
+
+    import datasets
+
+    rows = _rows(DATA / "eval" / "heldout.jsonl")
+    answers: dict[str, list[str]] = {}
+    for row in rows:
+        if row["answer"] not in answers.setdefault(row["task"], []):
+            answers[row["task"]].append(row["answer"])
+    rng = random.Random(0)
+    docs = []
+    for row in rows:
+        others = [a for a in answers[row["task"]] if a != row["answer"]]
+        choices = [row["answer"], *rng.sample(others, CHOICES - 1)]
+        rng.shuffle(choices)
+        docs.append({**row, "choices": choices, "gold": choices.index(row["answer"])})
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+
+
 def load_corpus(**_: Any) -> Any:
     """The held-out corpus (one `text` per document) as lm-eval's `test` split."""
     import datasets
