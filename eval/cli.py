@@ -14,54 +14,86 @@ def is_task_file(tasks: str | None) -> bool:
     return bool(tasks) and (tasks.endswith(".jsonl") or Path(tasks).is_file())
 
 
+def model_folder(src: str | Path) -> Path:
+    """The model folder SRC stands for: an HF folder itself, a stage folder's `final/`, or a run folder's last
+    stage with a model (in recipe order)."""
+    from toolkit.errors import ToolkitError
+    from toolkit.run_folder import RunFolder
+
+    src = Path(src)
+    for candidate in (src, src / "final"):
+        if (candidate / "config.json").exists():
+            return candidate
+    run = RunFolder.containing(src)
+    if run is not None and run.path == src:
+        return run.last_model().final
+    raise ToolkitError(f"{src} is neither a model folder (config.json), a stage folder nor a run folder")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from eval.stages import EvalOptions, evaluate_model, load_model_folder
 
-    model, tokenizer = load_model_folder(args.model)
     if args.tasks and not is_task_file(args.tasks):
-        return run_harness(args, model, tokenizer)
+        return run_harness(args)
+    if len(args.model) > 1:
+        from toolkit.errors import ToolkitError
+
+        raise ToolkitError(
+            "a checkable-task file or --perplexity evaluates one model; lm-eval tasks take several"
+        )
+    model, tokenizer = load_model_folder(model_folder(args.model[0]))
     options = EvalOptions(tasks=args.tasks, perplexity=args.perplexity, limit=args.limit)
     result = evaluate_model(model, tokenizer, asdict(options))
     print(json.dumps(result, indent=2))
     return 0
 
 
-def run_harness(args: argparse.Namespace, model: Any, tokenizer: Any) -> int:
-    """lm-eval tasks on the folder; results and a markdown table in <model>/eval/<timestamp>/."""
+def run_harness(args: argparse.Namespace) -> int:
+    """lm-eval tasks on each SRC, one after the other; each SRC's results and table in SRC/eval/<timestamp>/,
+    one side-by-side table of all on stdout (or, with --json, the results mappings)."""
     import time
 
     from eval.harness import markdown_table, run_tasks
+    from eval.stages import load_model_folder
     from toolkit.io import write_json, write_text
 
-    folder = Path(args.model)
-    result = run_tasks(
-        model,
-        tokenizer,
-        [name.strip() for name in args.tasks.split(",") if name.strip()],
-        include_path=args.include_path,
-        limit=args.limit,
-        chat_template=args.chat_template,
-        artifact=str(folder.resolve()),
-    )
-    out = folder / "eval" / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "results.json", result)
-    table = markdown_table({folder.name: result})
-    write_text(out / "report.md", table + "\n")
+    folders = {src: model_folder(src) for src in args.model}  # every SRC checked before the first runs
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    rows: dict[str, dict[str, Any]] = {}
+    for src, folder in folders.items():
+        model, tokenizer = load_model_folder(folder)
+        result = run_tasks(
+            model,
+            tokenizer,
+            [name.strip() for name in args.tasks.split(",") if name.strip()],
+            include_path=args.include_path,
+            limit=args.limit,
+            chat_template=args.chat_template,
+            artifact=str(folder.resolve()),
+        )
+        out = Path(src) / "eval" / stamp
+        write_json(out / "results.json", result)
+        write_text(out / "report.md", markdown_table({src: result}) + "\n")
+        rows[src] = result | {"saved": str(out / "results.json")}
+        del model
     if args.json:
-        print(json.dumps(result["results"]))
+        mappings = {src: result["results"] for src, result in rows.items()}
+        print(json.dumps(mappings[args.model[0]] if len(rows) == 1 else mappings))
     else:
-        print(table)
-        print(f"results: {out / 'results.json'}")
+        print(markdown_table(rows))
+        for result in rows.values():
+            print(f"results: {result['saved']}")
     return 0
 
 
 def register_commands(groups: dict[str, Any]) -> None:
     """Add `eval` to the `toolkit` command."""
     evaluate = groups["toolkit"].add_parser("eval", help="evaluate a model folder")
-    evaluate.add_argument("model")
+    evaluate.add_argument(
+        "model", nargs="+", help="model folder, stage folder or run folder (several: one side-by-side table)"
+    )
     evaluate.add_argument(
         "--tasks",
         help="lm-eval tasks, comma-separated (the toolkit's own: forge_heldout, forge_heldout_choice, "
@@ -77,5 +109,9 @@ def register_commands(groups: dict[str, Any]) -> None:
         action="store_true",
         help="lm-eval: prompts through the model's chat template (recorded with the results; default off)",
     )
-    evaluate.add_argument("--json", action="store_true", help="lm-eval: print only the results mapping")
+    evaluate.add_argument(
+        "--json",
+        action="store_true",
+        help="lm-eval: print only the results mapping (several SRCs: one mapping per SRC)",
+    )
     evaluate.set_defaults(func=run_eval)

@@ -23,10 +23,15 @@ TASKS = "forge_heldout,forge_heldout_choice,forge_corpus"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    """A tiny model as transformers' own LlamaForCausalLM, which lm-eval's command loads by itself."""
-    root = tmp_path_factory.mktemp("harness")
-    return export_vllm(make_run(root), root / "llama", verify=False).path
+def run(tmp_path_factory) -> Path:
+    """runs/tiny: a one-layer toolkit `decoder` in its sft stage."""
+    return make_run(tmp_path_factory.mktemp("harness"))
+
+
+@pytest.fixture(scope="module")
+def folder(run) -> Path:
+    """The same model as transformers' own LlamaForCausalLM, which lm-eval's command loads by itself."""
+    return export_vllm(run, run.parent / "llama", verify=False).path
 
 
 def test_toolkit_eval_equals_lm_eval_itself(folder, tmp_path):
@@ -85,3 +90,32 @@ def test_unknown_task_names_the_nearest(folder, tmp_path):
     )
     assert proc.returncode != 0
     assert "'forge_heldot' (did you mean 'forge_heldout'?)" in proc.stderr
+
+
+def test_several_sources_side_by_side(run, folder, tmp_path):
+    """A run folder (the toolkit's decoder, registered) and its Llama export in one table: the same weights
+    give the same numbers through either class; each source keeps its own results."""
+    proc = subprocess.run(
+        [
+            str(BIN / "toolkit"),
+            "eval",
+            str(run),
+            str(folder),
+            "--tasks",
+            "forge_corpus",
+            "--limit",
+            "4",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    assert list(results) == [str(run), str(folder)]
+    ours, theirs = (results[key]["forge_corpus"]["byte_perplexity,none"] for key in results)
+    assert ours == pytest.approx(theirs, rel=1e-6)
+    record = json.loads(sorted((run / "eval").glob("*/results.json"))[-1].read_text())
+    assert record["artifact"] == str((run / "sft" / "final").resolve())
