@@ -44,7 +44,7 @@ def run_eval(args: argparse.Namespace) -> int:
             "a checkable-task file or --perplexity evaluates one model; lm-eval tasks take several"
         )
     model, tokenizer = load_model_folder(model_folder(args.model[0]))
-    options = EvalOptions(tasks=args.tasks, perplexity=args.perplexity, limit=args.limit)
+    options = EvalOptions(tasks=args.tasks, perplexity=args.perplexity, limit=args.limit, stride=args.stride)
     result = evaluate_model(model, tokenizer, asdict(options))
     print(json.dumps(result, indent=2))
     return 0
@@ -100,6 +100,12 @@ def register_commands(groups: dict[str, Any]) -> None:
         "forge_corpus; any name lm-eval knows), or a checkable-task jsonl (task, prompt, answer)",
     )
     evaluate.add_argument("--perplexity", help="jsonl with a text column")
+    evaluate.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="perplexity: slide the 256-token window this far (default: none)",
+    )
     evaluate.add_argument("--limit", type=int, help="documents per task (rows of a jsonl)")
     evaluate.add_argument(
         "--include-path", action="append", default=None, help="a folder of lm-eval task YAMLs (repeatable)"

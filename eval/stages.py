@@ -23,6 +23,7 @@ class EvalOptions:
         default=None, metadata={"input": "file"}
     )  # checkable tasks: task, prompt, answer
     perplexity: str | None = field(default=None, metadata={"input": "file"})  # jsonl with a text column
+    stride: int | None = None  # perplexity over a sliding 256-token window moved this far (default: none)
     max_new_tokens: int = 24
     limit: int | None = None  # the first N rows of `tasks`
     batch_size: int = 32
@@ -61,7 +62,7 @@ def evaluate_model(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str
         )
     if spec["perplexity"]:
         texts = [r["text"] for r in read_jsonl(spec["perplexity"])]
-        result["perplexity"] = perplexity(model, tokenizer, texts)
+        result["perplexity"] = perplexity(model, tokenizer, texts, stride=spec["stride"])
     return result
 
 
