@@ -10,7 +10,8 @@ from toolkit.models import build_config
 from toolkit.models.decoder import DecoderForCausalLM
 
 
-def test_perplexity_is_exp_of_transformers_loss(tmp_path):
+def tiny_model(tmp_path):
+    """A one-layer decoder, random weights, with a tokenizer trained on a small corpus."""
     corpus = tmp_path / "c.txt"
     corpus.write_text("the cat sat on the mat and the dog sat on the log.\n" * 40)
     tokenizer = train_tokenizer([str(corpus)], vocab_size=280, out_dir=tmp_path / "tok")
@@ -18,6 +19,11 @@ def test_perplexity_is_exp_of_transformers_loss(tmp_path):
     model = DecoderForCausalLM(
         build_config("decoder-tiny", vocab_size=len(tokenizer), num_hidden_layers=1)
     ).eval()
+    return model, tokenizer
+
+
+def test_perplexity_is_exp_of_transformers_loss(tmp_path):
+    model, tokenizer = tiny_model(tmp_path)
     texts = ["the cat sat on the mat", "and the dog sat on the log"]
     stream = []
     for text in texts:
@@ -32,13 +38,7 @@ def test_perplexity_is_exp_of_transformers_loss(tmp_path):
 
 def test_sliding_window_equals_a_token_by_token_computation(tmp_path):
     """Each token scored once with the context a sliding window gives it, computed here one token at a time."""
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("the cat sat on the mat and the dog sat on the log.\n" * 40)
-    tokenizer = train_tokenizer([str(corpus)], vocab_size=280, out_dir=tmp_path / "tok")
-    torch.manual_seed(0)
-    model = DecoderForCausalLM(
-        build_config("decoder-tiny", vocab_size=len(tokenizer), num_hidden_layers=1)
-    ).eval()
+    model, tokenizer = tiny_model(tmp_path)
     texts = ["the cat sat on the mat and the dog sat on the log"] * 3
     stream = []
     for text in texts:
