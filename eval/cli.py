@@ -14,26 +14,11 @@ def is_task_file(tasks: str | None) -> bool:
     return bool(tasks) and (tasks.endswith(".jsonl") or Path(tasks).is_file())
 
 
-def model_folder(src: str | Path) -> Path:
-    """The model folder SRC stands for: an HF folder itself, a stage folder's `final/`, or a run folder's last
-    stage with a model (in recipe order)."""
-    from toolkit.errors import ToolkitError
-    from toolkit.run_folder import RunFolder
-
-    src = Path(src)
-    for candidate in (src, src / "final"):
-        if (candidate / "config.json").exists():
-            return candidate
-    run = RunFolder.containing(src)
-    if run is not None and run.path == src:
-        return run.last_model().final
-    raise ToolkitError(f"{src} is neither a model folder (config.json), a stage folder nor a run folder")
-
-
 def run_eval(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from eval.stages import EvalOptions, evaluate_model, load_model_folder
+    from toolkit.run_folder import model_folder_of
 
     if args.tasks and not is_task_file(args.tasks):
         return run_harness(args)
@@ -43,7 +28,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ToolkitError(
             "a checkable-task file or --perplexity evaluates one model; lm-eval tasks take several"
         )
-    model, tokenizer = load_model_folder(model_folder(args.model[0]))
+    model, tokenizer = load_model_folder(model_folder_of(args.model[0])[0])
     options = EvalOptions(tasks=args.tasks, perplexity=args.perplexity, limit=args.limit, stride=args.stride)
     result = evaluate_model(model, tokenizer, asdict(options))
     print(json.dumps(result, indent=2))
@@ -58,8 +43,9 @@ def run_harness(args: argparse.Namespace) -> int:
     from eval.harness import markdown_table, run_tasks
     from eval.stages import load_model_folder
     from toolkit.io import write_json, write_text
+    from toolkit.run_folder import model_folder_of
 
-    folders = {src: model_folder(src) for src in args.model}  # every SRC checked before the first runs
+    folders = {src: model_folder_of(src)[0] for src in args.model}  # every SRC checked before the first runs
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows: dict[str, dict[str, Any]] = {}
     for src, folder in folders.items():

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.errors import ExportError, ToolkitError
-from toolkit.run_folder import RunFolder, is_model_folder
+from toolkit.run_folder import RunFolder, model_folder_of
 
 # Copied next to merged weights so that the merged folder is a complete HF model folder.
 TOKENIZER_FILES = (
@@ -49,22 +49,11 @@ class Source:
 
 
 def _final_folder(src: Path) -> tuple[Path, RunFolder | None]:
-    """The model folder SRC stands for, and the run it belongs to (if any): a model folder itself, a stage
-    folder (its `final/`), or a run folder (the last stage in recipe order whose `final/` holds a model)."""
-    run = RunFolder.containing(src)
-    if is_model_folder(src):
-        return src, run if run is not None and src.name == "final" else None
-    if is_model_folder(src / "final"):
-        return src / "final", run
-    if run is not None and run.path == src:
-        try:
-            return run.last_model().final, run
-        except ToolkitError as error:
-            raise ExportError(str(error)) from None
-    raise ExportError(
-        f"{src} is neither an HF model folder (config.json), a stage folder (a final/ inside) nor a run "
-        "folder (recipe.yaml, naming its stages)"
-    )
+    """`toolkit.run_folder.model_folder_of`, its refusal as an export error."""
+    try:
+        return model_folder_of(src)
+    except ToolkitError as error:
+        raise ExportError(str(error)) from None
 
 
 def _license(folder: Path) -> str | None:

@@ -82,7 +82,12 @@ def run_child(
 
 
 def reference(
-    folder: Path, dtype: str, *, adapter: Path | None = None, tokenizer_folder: Path | None = None
+    folder: Path,
+    dtype: str,
+    *,
+    adapter: Path | None = None,
+    tokenizer_folder: Path | None = None,
+    vllm_rows: bool = False,
 ) -> dict[str, Any]:
     """The same measurements on the source model in this process (the toolkit's architectures registered)."""
     import torch
@@ -122,11 +127,11 @@ def reference(
             min_new_tokens=GREEDY_TOKENS,
             pad_token_id=tokenizer.pad_token_id,
         )[0, len(chat_ids) :].tolist()
-        # For the check in vLLM (export/verify_vllm.py): every prompt and the chat prompt, their logits, and a
-        # greedy continuation of each taken from the raw logits with nothing masked or stopping it (vLLM's
-        # `ignore_eos`), with the log-probability of every generated token.
-        rows = ids + [chat_ids]
-        row_logits = logits + [model(input_ids=torch.tensor([chat_ids])).logits[0]]
+        # With `vllm_rows`, for the check in vLLM (export/verify_vllm.py): every prompt and the chat prompt,
+        # their logits, and a greedy continuation of each taken from the raw logits with nothing masked or
+        # stopping it (vLLM's `ignore_eos`), with the log-probability of every generated token.
+        rows = ids + [chat_ids] if vllm_rows else []
+        row_logits = logits + [model(input_ids=torch.tensor([chat_ids])).logits[0]] if vllm_rows else []
         row_greedy, row_greedy_logprobs = [], []
         for row in rows:
             sequence, logprobs = list(row), []
@@ -215,8 +220,11 @@ def verify_folder(
     return compare(source, exported, expected_class)
 
 
-def source_reference(source_folder: Path, dtype: str, source_adapter: Path | None = None) -> dict[str, Any]:
-    """`reference` of a source model folder, with its adapter (and the adapter's tokenizer, when it has one)."""
+def source_reference(
+    source_folder: Path, dtype: str, source_adapter: Path | None = None, *, vllm_rows: bool = False
+) -> dict[str, Any]:
+    """`reference` of a source model folder, with its adapter (and the adapter's tokenizer, when it has one);
+    `vllm_rows` adds what the check in vLLM compares."""
     return reference(
         source_folder,
         dtype,
@@ -224,6 +232,7 @@ def source_reference(source_folder: Path, dtype: str, source_adapter: Path | Non
         tokenizer_folder=source_adapter
         if source_adapter and (source_adapter / "tokenizer.json").exists()
         else None,
+        vllm_rows=vllm_rows,
     )
 
 

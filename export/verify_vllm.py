@@ -231,7 +231,10 @@ def verify_in_vllm(
     python: Path | None = None,
 ) -> dict[str, Any]:
     """Serve `folder` (with `adapter` as a LoRA) in vLLM through each route of `form` and compare with
-    `source` (`verify_hf.reference` of the source model, with its adapter when there is one)."""
+    `source` (`verify_hf.reference` of the source model with `vllm_rows`, with its adapter when there is
+    one)."""
+    if not source["row_greedy"]:
+        raise ValueError("the source reference was computed without vllm_rows: nothing to compare in vLLM")
     required, routes = routes_for(form)
     lora = None
     if adapter is not None:

@@ -477,7 +477,8 @@ def export_vllm(
                 report["layout"] = {"merged": "merged", "base": "base", "adapter": "adapter"}
             remote = route.form == "remote-code"
             if verify:
-                model_source = source_reference(source.folder, dtype)
+                in_vllm = python is not None
+                model_source = source_reference(source.folder, dtype, vllm_rows=in_vllm)
                 checks = {
                     "model": verify_folder(
                         model_dir,
@@ -488,10 +489,10 @@ def export_vllm(
                         source=model_source,
                     )
                 }
-                if python is not None:
+                if in_vllm:
                     checks["vllm"] = verify_in_vllm(model_dir, model_source, form=route.form, python=python)
                 if lora:
-                    adapter_source = source_reference(base, dtype, Path(lora["adapter"]))
+                    adapter_source = source_reference(base, dtype, Path(lora["adapter"]), vllm_rows=in_vllm)
                     checks["adapter"] = verify_folder(
                         tmp / "base",
                         base,
@@ -501,7 +502,7 @@ def export_vllm(
                         adapter=tmp / "adapter",
                         source=adapter_source,
                     )
-                    if python is not None:
+                    if in_vllm:
                         checks["vllm_adapter"] = verify_in_vllm(
                             tmp / "base",
                             adapter_source,
@@ -510,7 +511,7 @@ def export_vllm(
                             python=python,
                         )
                 report["verification"] = checks
-                report["verified_in"] = ["clean"] + (["vllm"] if python is not None else [])
+                report["verified_in"] = ["clean"] + (["vllm"] if in_vllm else [])
                 report["ok"] = all(section["ok"] for section in checks.values())
             report["seconds"] = time.perf_counter() - started
             write_json(tmp / "export_report.json", report)

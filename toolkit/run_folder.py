@@ -31,6 +31,23 @@ def is_model_folder(path: Path) -> bool:
     return (path / "config.json").exists() or (path / "adapter_config.json").exists()
 
 
+def model_folder_of(src: str | Path) -> tuple[Path, RunFolder | None]:
+    """The model folder SRC stands for, and the run it belongs to (if any): a model folder itself, a stage
+    folder (its `final/`), or a run folder (the last stage in recipe order whose `final/` holds a model)."""
+    src = Path(src)
+    run = RunFolder.containing(src)
+    if is_model_folder(src):
+        return src, run if run is not None and src.name == "final" else None
+    if is_model_folder(src / "final"):
+        return src / "final", run
+    if run is not None and run.path == src:
+        return run.last_model().final, run
+    raise ToolkitError(
+        f"{src} is neither an HF model folder (config.json), a stage folder (a final/ inside) nor a run "
+        "folder (recipe.yaml, naming its stages)"
+    )
+
+
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 

@@ -99,7 +99,7 @@ def test_other_weights_fail_by_name(tiny_run, tmp_path):
     log-probability checks by name; one vLLM cannot load fails `vllm_native_serves` with vLLM's reason."""
     from safetensors.torch import load_file, save_file
 
-    source = source_reference(tiny_run / "sft" / "final", "float32")
+    source = source_reference(tiny_run / "sft" / "final", "float32", vllm_rows=True)
     folder = export_vllm(tiny_run, tmp_path / "vllm", verify=False).path
     weights = folder / "model.safetensors"
     tensors = load_file(weights)
@@ -157,7 +157,7 @@ def test_remote_code_that_breaks_the_backend_contract_fails(
     text = modeling.read_text()
     assert old in text
     modeling.write_text(text.replace(old, new) if old else text + new)
-    source = source_reference(tiny_run / "sft" / "final", "float32")
+    source = source_reference(tiny_run / "sft" / "final", "float32", vllm_rows=True)
     section = verify_in_vllm(folder, source, form="remote-code")
     assert not section["ok"] and failed in {c["measure"] for c in section["checks"] if not c["ok"]}
 
