@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 from export_gguf import build_checkpoint  # bench/ is on sys.path when a bench script runs
+
+from eval.servers import free_port, llama_cpp_argv, server
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLKIT = str(Path(sys.executable).parent / "toolkit")
@@ -41,54 +39,6 @@ PROMPTS = [
     "Once upon a time, in a small village,",
     "To install the package, first",
 ]
-START_S = 900
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def ready(url: str) -> bool:
-    """Whether the server answers `/health` (vLLM) or `/v1/models` (llama-cpp-python, which has no /health)."""
-    for path in ("/health", "/v1/models"):
-        try:
-            with urllib.request.urlopen(url + path, timeout=5) as answer:
-                if answer.status == 200:
-                    return True
-        except OSError:
-            continue
-    return False
-
-
-@contextmanager
-def server(argv: list[str], port: int, log: Path, env: dict[str, str]):
-    """Start `argv`, wait for `/health` (vLLM) or `/v1/models` (llama-cpp-python), stop its process group."""
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
-    started = time.perf_counter()
-    try:
-        while not ready(url):
-            if process.poll() is not None:
-                raise SystemExit(f"{argv[0]} exited {process.returncode}:\n{log.read_text()[-3000:]}")
-            if time.perf_counter() - started > START_S:
-                raise SystemExit(f"{argv[0]} not ready in {START_S} s")
-            time.sleep(2)
-        print(f"  ready in {time.perf_counter() - started:.0f} s", flush=True)
-        yield url
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def run_prompts(url: str, tokens: int, extra: dict) -> list[tuple[float, float, int]]:
@@ -157,21 +107,7 @@ def main() -> None:
         vllm = run_prompts(url, args.tokens, {"ignore_eos": True})
     port = free_port()
     print("llama_cpp.server (q8_0 GGUF) ...", flush=True)
-    argv = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(gguf),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_ctx",
-        "2048",
-        "--n_threads",
-        str(args.threads),
-    ]
+    argv = llama_cpp_argv(gguf, port, n_ctx=2048, n_threads=args.threads)
     with server(argv, port, args.work / "llama-cpp.log", env) as url:
         llama = run_prompts(url, args.tokens, {})
 

@@ -36,34 +36,35 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_harness(args: argparse.Namespace) -> int:
-    """lm-eval tasks on each SRC, one after the other; each SRC's results and table in SRC/eval/<timestamp>/,
-    one side-by-side table of all on stdout (or, with --json, the results mappings)."""
+    """lm-eval tasks on each SRC, one after the other; each SRC's results and table in its own eval folder
+    (`eval.artifacts`), one side-by-side table of all on stdout (or, with --json, the results mappings)."""
     import time
 
-    from eval.harness import markdown_table, run_tasks
-    from eval.stages import load_model_folder
+    from eval.artifacts import resolve
+    from eval.harness import check_tasks, markdown_table, run_tasks
     from toolkit.io import write_json, write_text
-    from toolkit.run_folder import model_folder_of
 
-    folders = {src: model_folder_of(src)[0] for src in args.model}  # every SRC checked before the first runs
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    manager = check_tasks(tasks, args.include_path)
+    artifacts = [resolve(src) for src in args.model]  # every SRC checked before the first runs
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows: dict[str, dict[str, Any]] = {}
-    for src, folder in folders.items():
-        model, tokenizer = load_model_folder(folder)
-        result = run_tasks(
-            model,
-            tokenizer,
-            [name.strip() for name in args.tasks.split(",") if name.strip()],
-            include_path=args.include_path,
-            limit=args.limit,
-            chat_template=args.chat_template,
-            artifact=str(folder.resolve()),
-        )
-        out = Path(src) / "eval" / stamp
+    for artifact in artifacts:
+        with artifact.lm(chat_template=args.chat_template) as lm:
+            result = run_tasks(
+                lm,
+                tasks,
+                manager=manager,
+                limit=args.limit,
+                chat_template=args.chat_template,
+                artifact=artifact.path,
+                dtype=artifact.dtype,
+            )
+        result["kind"] = artifact.kind
+        out = artifact.eval_dir / stamp
         write_json(out / "results.json", result)
-        write_text(out / "report.md", markdown_table({src: result}) + "\n")
-        rows[src] = result | {"saved": str(out / "results.json")}
-        del model
+        write_text(out / "report.md", markdown_table({artifact.src: result}) + "\n")
+        rows[artifact.src] = result | {"saved": str(out / "results.json")}
     if args.json:
         mappings = {src: result["results"] for src, result in rows.items()}
         print(json.dumps(mappings[args.model[0]] if len(rows) == 1 else mappings))
@@ -78,7 +79,9 @@ def register_commands(groups: dict[str, Any]) -> None:
     """Add `eval` to the `toolkit` command."""
     evaluate = groups["toolkit"].add_parser("eval", help="evaluate a model folder")
     evaluate.add_argument(
-        "model", nargs="+", help="model folder, stage folder or run folder (several: one side-by-side table)"
+        "model",
+        nargs="+",
+        help="model, stage or run folder, GGUF file, vLLM folder or Hub id (several: one side-by-side table)",
     )
     evaluate.add_argument(
         "--tasks",

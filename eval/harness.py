@@ -23,21 +23,8 @@ def task_manager(include_path: list[str | Path] | None = None) -> Any:
     return TaskManager(include_path=[str(TASKS_DIR), *map(str, include_path or [])])
 
 
-def run_tasks(
-    model: Any,
-    tokenizer: Any,
-    tasks: list[str],
-    *,
-    include_path: list[str | Path] | None = None,
-    limit: int | None = None,
-    chat_template: bool = False,
-    batch_size: int = 1,
-    artifact: str | None = None,
-) -> dict[str, Any]:
-    """lm-eval's `simple_evaluate` on `model` for `tasks`; see the module docstring for what is returned."""
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
-
+def check_tasks(tasks: list[str], include_path: list[str | Path] | None = None) -> Any:
+    """lm-eval's task manager, once every name in `tasks` is known to it (else an error with the nearest)."""
     manager = task_manager(include_path)
     unknown = [name for name in tasks if name not in manager.all_tasks]
     if unknown:
@@ -50,7 +37,32 @@ def run_tasks(
         raise ToolkitError(
             f"lm-eval knows no task {', '.join(hints)}; the toolkit's own: {', '.join(LOCAL_TASKS)}"
         )
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return manager
+
+
+def hf_lm(model: Any, tokenizer: Any, batch_size: int = 1) -> Any:
+    """lm-eval's HF model class on a model object in memory (any registered architecture)."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def run_tasks(
+    lm: Any,
+    tasks: list[str],
+    *,
+    include_path: list[str | Path] | None = None,
+    limit: int | None = None,
+    chat_template: bool = False,
+    artifact: str | None = None,
+    dtype: str | None = None,
+    manager: Any = None,
+) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` of the lm-eval model `lm` (`hf_lm`, `eval.gguf_lm.GGUFLM`, ...) on
+    `tasks`; see the module docstring for what is returned."""
+    import lm_eval
+
+    manager = manager or check_tasks(tasks, include_path)
     output = lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -59,11 +71,14 @@ def run_tasks(
         apply_chat_template=chat_template,
         log_samples=False,
     )
+    if dtype is None:
+        model = getattr(lm, "model", None)
+        dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
     return {
         "results": output["results"],
         "n": {name: sample["effective"] for name, sample in output.get("n-samples", {}).items()},
         "artifact": artifact,
-        "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+        "dtype": dtype,
         "chat_template": chat_template,
         "limit": limit,
         "harness": f"lm-eval {lm_eval.__version__}",
@@ -79,8 +94,8 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
                 if "," in key and "_stderr" not in key and (task, key) not in columns:
                     columns.append((task, key))
     lines = [
-        "| artifact | " + " | ".join(f"{task} {key.split(',')[0]}" for task, key in columns) + " |",
-        "|---|" + "---:|" * len(columns),
+        "| artifact | dtype | " + " | ".join(f"{task} {key.split(',')[0]}" for task, key in columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
     ]
     for name, result in rows.items():
         cells = []
@@ -94,11 +109,11 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
                 cells.append(f"{value:.4g} ± {stderr:.2g}")
             else:
                 cells.append(f"{value:.4g}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {result['dtype']} | " + " | ".join(cells) + " |")
     first = next(iter(rows.values()))
     lines += [
         "",
         f"chat template {'on' if first['chat_template'] else 'off'}; limit {first['limit']}; "
-        f"n {first['n']}; dtype {first['dtype']}; {first['harness']}",
+        f"n {first['n']}; {first['harness']}",
     ]
     return "\n".join(lines)

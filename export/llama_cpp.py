@@ -142,3 +142,13 @@ def chat_answers(
             )
         answers.append((reply["choices"][0]["message"]["content"] or "").strip())
     return answers
+
+
+def llama_logits(llm: Any, ids: list[int]):  # -> np.ndarray
+    """llama.cpp's logits (float32, one row per position) for the token ids `ids`, from an empty cache; `llm`
+    loaded with `load_for_verification` (logits for every position)."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)

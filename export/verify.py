@@ -168,7 +168,7 @@ def verify_gguf(
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from export.llama_cpp import load_for_verification, quiet
+    from export.llama_cpp import llama_logits, load_for_verification, quiet
     from export.llama_numerics import llama_cpp_numerics
     from toolkit.models import register_auto_classes
 
@@ -207,9 +207,7 @@ def verify_gguf(
     candidate = []
     for prompt in prompts:
         ids = tokenizer(prompt)["input_ids"]
-        llm.reset()
-        llm.eval(ids)
-        candidate.append(np.array(llm.scores[: len(ids)], dtype=np.float32))
+        candidate.append(llama_logits(llm, ids))
     candidate_all = np.concatenate(candidate)
     exact = compare_logits(np.concatenate(source_logits()), candidate_all)
     emulated = None

@@ -77,7 +77,7 @@ def test_toolkit_eval_equals_lm_eval_itself(folder, tmp_path):
     assert record["results"] == results
     assert record["chat_template"] is False and record["limit"] == 8 and record["dtype"] == "float32"
     assert record["n"] == dict.fromkeys(TASKS.split(","), 8) and record["harness"].startswith("lm-eval 0.4")
-    assert "| artifact | forge_heldout exact_match |" in (saved.parent / "report.md").read_text()
+    assert "| artifact | dtype | forge_heldout exact_match |" in (saved.parent / "report.md").read_text()
 
 
 def test_unknown_task_names_the_nearest(folder, tmp_path):
@@ -119,3 +119,61 @@ def test_several_sources_side_by_side(run, folder, tmp_path):
     assert ours == pytest.approx(theirs, rel=1e-6)
     record = json.loads(sorted((run / "eval").glob("*/results.json"))[-1].read_text())
     assert record["artifact"] == str((run / "sft" / "final").resolve())
+
+
+@pytest.fixture(scope="module")
+def gguf(run) -> Path:
+    from export.gguf import export_gguf
+
+    return export_gguf(run, "f32", run.parent / "tiny-f32.gguf", verify=False).path
+
+
+def test_f32_gguf_scores_as_its_checkpoint(folder, gguf, tmp_path):
+    """The GGUF through llama-cpp-python's server (generation) and llama.cpp's logits (log-likelihoods)
+    gives the checkpoint's numbers: same choices, perplexity within 0.1%."""
+    ours = subprocess.run(
+        [str(BIN / "toolkit"), "eval", str(folder), str(gguf), "--tasks", TASKS, "--limit", "8", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    both = json.loads(ours.stdout)
+    checkpoint, file = both[str(folder)], both[str(gguf)]
+    assert file["forge_heldout"]["exact_match,none"] == checkpoint["forge_heldout"]["exact_match,none"]
+    assert file["forge_heldout_choice"]["acc,none"] == checkpoint["forge_heldout_choice"]["acc,none"]
+    for metric in ("word_perplexity,none", "byte_perplexity,none"):
+        assert file["forge_corpus"][metric] == pytest.approx(checkpoint["forge_corpus"][metric], rel=1e-3)
+    record = json.loads(sorted((gguf.parent / "eval" / gguf.stem).glob("*/results.json"))[-1].read_text())
+    assert record["kind"] == "gguf" and record["dtype"] == "f32" and record["artifact"] == str(gguf)
+
+
+def test_gguf_generation_is_the_servers_and_equals_transformers(folder, gguf):
+    """generate_until goes through the server and gives the checkpoint's greedy text."""
+    from lm_eval.api.instance import Instance
+
+    from eval.artifacts import resolve
+
+    requests = [
+        Instance("generate_until", {}, (prompt, {"until": ["\n\n"], "max_gen_toks": 12}), i)
+        for i, prompt in enumerate(["def add(a, b):", "The capital of", "Question: 2 + 2 ="])
+    ]
+    with resolve(str(folder)).lm() as lm:
+        expected = lm.generate_until(requests)
+    with resolve(str(gguf)).lm() as lm:
+        assert lm.base_url.startswith("http://127.0.0.1:")
+        assert lm.generate_until(requests) == expected
+    assert any(text.strip() for text in expected)
+
+
+def test_server_is_stopped_when_the_evaluation_fails(gguf):
+    from eval.artifacts import resolve
+    from eval.servers import ready
+
+    with pytest.raises(RuntimeError, match="task failed"):
+        with resolve(str(gguf)).lm() as lm:
+            url = lm.base_url.removesuffix("/v1/completions")
+            assert ready(url)
+            raise RuntimeError("task failed")
+    assert not ready(url)

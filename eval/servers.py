@@ -1,0 +1,114 @@
+"""OpenAI-compatible servers started for the length of one job: llama-cpp-python's (`python -m
+llama_cpp.server`, for GGUF files) and `vllm serve` (for vLLM folders, from the vLLM environment).
+
+Each is bound to 127.0.0.1 on a free port, waited for until it answers, and stopped with its whole process
+group when the block ends, also when the block raises: an evaluation that fails leaves no server behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from toolkit.errors import ToolkitError
+
+START_S = 900  # vLLM's CPU engine takes about a minute to start on 2 cores; llama.cpp a second or two
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ready(url: str) -> bool:
+    """Whether the server answers `/health` (vLLM) or `/v1/models` (llama-cpp-python, which has no /health)."""
+    for path in ("/health", "/v1/models"):
+        try:
+            with urllib.request.urlopen(url + path, timeout=5) as answer:
+                if answer.status == 200:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+@contextmanager
+def server(
+    argv: list[str], port: int, log: Path, env: dict[str, str] | None = None, start_s: float = START_S
+) -> Iterator[str]:
+    """Start `argv` (which must listen on 127.0.0.1:`port`), yield its base URL once it answers, and stop its
+    process group afterwards (SIGTERM, then SIGKILL after 60 s). Its output goes to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    started = time.perf_counter()
+    try:
+        while not ready(url):
+            if process.poll() is not None:
+                raise ToolkitError(
+                    f"{Path(argv[0]).name} {' '.join(argv[1:3])} exited {process.returncode} before serving; "
+                    f"its log ({log}) ends:\n{log.read_text()[-3000:]}"
+                )
+            if time.perf_counter() - started > start_s:
+                raise ToolkitError(f"{' '.join(argv[:3])} did not answer in {start_s:.0f} s; its log: {log}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a server started in its own session, with everything it started."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def llama_cpp_argv(gguf: Path, port: int, n_ctx: int = 2048, n_threads: int | None = None) -> list[str]:
+    """llama-cpp-python's OpenAI-compatible server on `gguf`, in this interpreter."""
+    from export.llama_cpp import default_threads
+
+    threads = str(n_threads or default_threads())
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+        "--n_threads",
+        threads,
+        "--n_threads_batch",
+        threads,
+    ]
+
+
+@contextmanager
+def llama_cpp_server(gguf: Path, log: Path, n_ctx: int = 2048, n_threads: int | None = None) -> Iterator[str]:
+    """llama-cpp-python's server on `gguf` for the length of the block; yields its base URL."""
+    port = free_port()
+    with server(llama_cpp_argv(gguf, port, n_ctx, n_threads), port, log, start_s=300) as url:
+        yield url
