@@ -22,6 +22,13 @@ BIN = Path(sys.executable).parent
 TASKS = "forge_heldout,forge_heldout_choice,forge_corpus"
 
 
+def toolkit_eval(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`toolkit eval ARGS` as a user runs it: a fresh process, from `cwd`."""
+    return subprocess.run(
+        [str(BIN / "toolkit"), "eval", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """runs/tiny: a one-layer toolkit `decoder` in its sft stage."""
@@ -35,13 +42,7 @@ def folder(run) -> Path:
 
 
 def test_toolkit_eval_equals_lm_eval_itself(folder, tmp_path):
-    ours = subprocess.run(
-        [str(BIN / "toolkit"), "eval", str(folder), "--tasks", TASKS, "--limit", "8", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
+    ours = toolkit_eval(tmp_path, str(folder), "--tasks", TASKS, "--limit", "8", "--json")
     assert ours.returncode == 0, ours.stderr[-3000:]
     results = json.loads(ours.stdout)  # --json: the results mapping and nothing else on stdout
     theirs = subprocess.run(
@@ -81,13 +82,7 @@ def test_toolkit_eval_equals_lm_eval_itself(folder, tmp_path):
 
 
 def test_unknown_task_names_the_nearest(folder, tmp_path):
-    proc = subprocess.run(
-        [str(BIN / "toolkit"), "eval", str(folder), "--tasks", "forge_heldot"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
+    proc = toolkit_eval(tmp_path, str(folder), "--tasks", "forge_heldot")
     assert proc.returncode != 0
     assert "'forge_heldot' (did you mean 'forge_heldout'?)" in proc.stderr
 
@@ -95,22 +90,15 @@ def test_unknown_task_names_the_nearest(folder, tmp_path):
 def test_several_sources_side_by_side(run, folder, tmp_path):
     """A run folder (the toolkit's decoder, registered) and its Llama export in one table: the same weights
     give the same numbers through either class; each source keeps its own results."""
-    proc = subprocess.run(
-        [
-            str(BIN / "toolkit"),
-            "eval",
-            str(run),
-            str(folder),
-            "--tasks",
-            "forge_corpus",
-            "--limit",
-            "4",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
+    proc = toolkit_eval(
+        tmp_path,
+        str(run),
+        str(folder),
+        "--tasks",
+        "forge_corpus",
+        "--limit",
+        "4",
+        "--json",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout)
@@ -131,13 +119,7 @@ def gguf(run) -> Path:
 def test_f32_gguf_scores_as_its_checkpoint(folder, gguf, tmp_path):
     """The GGUF through llama-cpp-python's server (generation) and llama.cpp's logits (log-likelihoods)
     gives the checkpoint's numbers: same choices, perplexity within 0.1%."""
-    ours = subprocess.run(
-        [str(BIN / "toolkit"), "eval", str(folder), str(gguf), "--tasks", TASKS, "--limit", "8", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=600,
-    )
+    ours = toolkit_eval(tmp_path, str(folder), str(gguf), "--tasks", TASKS, "--limit", "8", "--json")
     assert ours.returncode == 0, ours.stderr[-3000:]
     both = json.loads(ours.stdout)
     checkpoint, file = both[str(folder)], both[str(gguf)]
