@@ -22,16 +22,55 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.tasks and not is_task_file(args.tasks):
         return run_harness(args)
+    if args.perplexity and not args.tasks:
+        return run_perplexity(args)
     if len(args.model) > 1:
         from toolkit.errors import ToolkitError
 
         raise ToolkitError(
-            "a checkable-task file or --perplexity evaluates one model; lm-eval tasks take several"
+            "a checkable-task file evaluates one model; lm-eval tasks and --perplexity take several"
         )
     model, tokenizer = load_model_folder(model_folder_of(args.model[0])[0])
     options = EvalOptions(tasks=args.tasks, perplexity=args.perplexity, limit=args.limit, stride=args.stride)
     result = evaluate_model(model, tokenizer, asdict(options))
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def run_perplexity(args: argparse.Namespace) -> int:
+    """Perplexity of each SRC on the same text, a checkpoint in transformers and a GGUF file in llama.cpp (its
+    own tokenizer and logits): one SRC prints its result as JSON, several print one table (tokens counted)."""
+    from eval.artifacts import resolve
+    from eval.perplexity import gguf_perplexity, perplexity
+    from eval.stages import load_model_folder
+    from toolkit.io import read_jsonl
+
+    texts = [row["text"] for row in read_jsonl(args.perplexity)]
+    artifacts = [resolve(src) for src in args.model]
+    rows = {}
+    for artifact in artifacts:
+        if artifact.kind == "gguf":
+            result = gguf_perplexity(artifact.path, texts, stride=args.stride)
+        else:
+            model, tokenizer = load_model_folder(artifact.path)
+            artifact.dtype = str(model.dtype).removeprefix("torch.")
+            result = perplexity(model, tokenizer, texts, stride=args.stride)
+        rows[artifact.src] = {
+            **result,
+            "dtype": artifact.dtype,
+            "kind": artifact.kind,
+            "text": args.perplexity,
+        }
+    if len(rows) == 1:
+        print(json.dumps({"perplexity": next(iter(rows.values()))}, indent=2))
+        return 0
+    print("| artifact | dtype | perplexity | tokens |\n|---|---|---:|---:|")
+    for src, result in rows.items():
+        print(f"| {src} | {result['dtype']} | {result['perplexity']:.4f} | {result['tokens']} |")
+    window = (
+        f"sliding window 256, stride {args.stride}" if args.stride else "non-overlapping 256-token windows"
+    )
+    print(f"\ntext {args.perplexity}; {window}")
     return 0
 
 

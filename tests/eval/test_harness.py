@@ -159,3 +159,24 @@ def test_server_is_stopped_when_the_evaluation_fails(gguf):
             assert ready(url)
             raise RuntimeError("task failed")
     assert not ready(url)
+
+
+def test_gguf_perplexity_in_llama_cpp_equals_the_checkpoints(folder, gguf, tmp_path):
+    """Perplexity of the f32 GGUF from llama.cpp's tokenizer and logits, within 0.1% of the checkpoint's,
+    both in one table from the command; with a stride too."""
+    from eval.perplexity import gguf_perplexity, perplexity
+    from eval.stages import load_model_folder
+
+    texts = [json.loads(line)["text"] for line in (ROOT / "data" / "corpus" / "valid.jsonl").open()][:6]
+    text_file = tmp_path / "text.jsonl"
+    text_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    model, tokenizer = load_model_folder(folder)
+    for stride in (None, 64):
+        expected = perplexity(model, tokenizer, texts, stride=stride)
+        got = gguf_perplexity(gguf, texts, stride=stride)
+        assert got["tokens"] == expected["tokens"] > 256
+        assert got["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-3)
+    proc = toolkit_eval(tmp_path, str(folder), str(gguf), "--perplexity", str(text_file))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| artifact | dtype | perplexity | tokens |" in proc.stdout
+    assert f"| {gguf} | f32 | " in proc.stdout
