@@ -103,12 +103,16 @@ def main() -> None:
     port = free_port()
     print("vllm serve (vLLM environment) ...", flush=True)
     argv = [TOOLKIT, "serve", str(vllm_dir), "--run", "--host", "127.0.0.1", "--port", str(port)]
+    started = time.perf_counter()
     with server(argv, port, args.work / "vllm.log", env) as url:
+        print(f"  ready in {time.perf_counter() - started:.0f} s", flush=True)
         vllm = run_prompts(url, args.tokens, {"ignore_eos": True})
     port = free_port()
     print("llama_cpp.server (q8_0 GGUF) ...", flush=True)
     argv = llama_cpp_argv(gguf, port, n_ctx=2048, n_threads=args.threads)
+    started = time.perf_counter()
     with server(argv, port, args.work / "llama-cpp.log", env) as url:
+        print(f"  ready in {time.perf_counter() - started:.0f} s", flush=True)
         llama = run_prompts(url, args.tokens, {})
 
     print(f"\n{'server':<28} {'TTFT (ms)':>10} {'decode tok/s':>12} {'tokens':>8}")

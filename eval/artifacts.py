@@ -46,20 +46,24 @@ class Artifact:
             from eval.gguf_lm import GGUFLM
             from eval.servers import llama_cpp_server
 
-            with llama_cpp_server(
-                Path(self.path), self.eval_dir / "llama-server.log", gguf_context(self.path)
-            ) as url:
-                yield GGUFLM(gguf=self.path, base_url=url)
+            context = gguf_context(self.path)
+            with llama_cpp_server(Path(self.path), self.eval_dir / "llama-server.log", context) as url:
+                yield GGUFLM(gguf=self.path, base_url=url, context=context)
         elif self.kind == "vllm":
             with vllm_lm(Path(self.path), self.eval_dir / "vllm-server.log") as lm:
                 yield lm
         else:
             from eval.harness import hf_lm
-            from eval.stages import load_model_folder
 
-            model, tokenizer = load_model_folder(self.path)
-            self.dtype = str(model.dtype).removeprefix("torch.")
-            yield hf_lm(model, tokenizer)
+            yield hf_lm(*self.load())
+
+    def load(self) -> tuple[Any, Any]:
+        """(model, tokenizer) of an hf or hub artifact, in transformers; sets `dtype` from the model."""
+        from eval.stages import load_model_folder
+
+        model, tokenizer = load_model_folder(self.path)
+        self.dtype = str(model.dtype).removeprefix("torch.")
+        return model, tokenizer
 
 
 def gguf_context(path: str | Path) -> int:

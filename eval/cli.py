@@ -42,7 +42,6 @@ def run_perplexity(args: argparse.Namespace) -> int:
     own tokenizer and logits): one SRC prints its result as JSON, several print one table (tokens counted)."""
     from eval.artifacts import resolve
     from eval.perplexity import gguf_perplexity, perplexity
-    from eval.stages import load_model_folder
     from toolkit.io import read_jsonl
 
     texts = [row["text"] for row in read_jsonl(args.perplexity)]
@@ -52,9 +51,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
         if artifact.kind == "gguf":
             result = gguf_perplexity(artifact.path, texts, stride=args.stride)
         else:
-            model, tokenizer = load_model_folder(artifact.path)
-            artifact.dtype = str(model.dtype).removeprefix("torch.")
-            result = perplexity(model, tokenizer, texts, stride=args.stride)
+            result = perplexity(*artifact.load(), texts, stride=args.stride)
         rows[artifact.src] = {
             **result,
             "dtype": artifact.dtype,

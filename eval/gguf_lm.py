@@ -33,13 +33,13 @@ class GGUFLM(LocalCompletionsAPI):
     """A GGUF file: generation through llama-cpp-python's server at `base_url`, log-likelihoods from
     llama.cpp's logits (see the module docstring)."""
 
-    def __init__(self, gguf: str, base_url: str, n_threads: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, gguf: str, base_url: str, context: int, n_threads: int | None = None, **kwargs: Any
+    ) -> None:
         from export.llama_cpp import load_for_verification
 
         self.path = Path(gguf)
-        from eval.artifacts import gguf_context
-
-        self.context = gguf_context(self.path)
+        self.context = context  # the file's training context (eval.artifacts.gguf_context)
         # f32 KV cache, logits for every position: log-likelihoods of the file, not of an f16 cache
         self.llama = load_for_verification(self.path, n_ctx=self.context, n_threads=n_threads)
         self.template = self.llama.metadata.get("tokenizer.chat_template")
@@ -111,13 +111,12 @@ class GGUFLM(LocalCompletionsAPI):
         """(sum of log-probabilities of the continuation, whether greedy decoding gives it) per request:
         the context and continuation, left-truncated to the model's context plus one, as lm-eval's HF class."""
         from export.llama_cpp import llama_logits
+        from export.verify import log_softmax
 
         results = []
         for cache_key, context, continuation in requests:
             tokens = (context + continuation)[-(self.context + 1) :][:-1]
-            rows = llama_logits(self.llama, tokens)[-len(continuation) :].astype(np.float64)
-            rows -= rows.max(axis=-1, keepdims=True)
-            logprobs = rows - np.log(np.exp(rows).sum(axis=-1, keepdims=True))
+            logprobs = log_softmax(llama_logits(self.llama, tokens)[-len(continuation) :])
             target = np.asarray(continuation)
             answer = (
                 float(logprobs[np.arange(len(target)), target].sum()),

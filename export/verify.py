@@ -91,7 +91,8 @@ def check_file(path: Path, plan: GGUFPlan, jobs: list[Any], vocab: GGUFVocab) ->
     return problems
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Log-probabilities of logits `x` along the last axis, in float64."""
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -99,7 +100,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     """max |delta|, mean KL(reference || candidate) and top-1 agreement over positions."""
-    ref_log, cand_log = _log_softmax(reference), _log_softmax(candidate)
+    ref_log, cand_log = log_softmax(reference), log_softmax(candidate)
     kl = (np.exp(ref_log) * (ref_log - cand_log)).sum(axis=-1)
     return {
         "max_abs_logit_delta": float(np.abs(reference - candidate).max()),
