@@ -20,6 +20,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from eval.stages import EvalOptions, evaluate_model, load_model_folder
     from toolkit.run_folder import model_folder_of
 
+    if args.against:
+        return run_win_rate(args)
+    if args.analysis:
+        return run_analysis(args)
     if args.tasks and not is_task_file(args.tasks):
         return run_harness(args)
     if args.perplexity and not args.tasks:
@@ -68,6 +72,103 @@ def run_perplexity(args: argparse.Namespace) -> int:
         f"sliding window 256, stride {args.stride}" if args.stride else "non-overlapping 256-token windows"
     )
     print(f"\ntext {args.perplexity}; {window}")
+    return 0
+
+
+def run_analysis(args: argparse.Namespace) -> int:
+    """eval/analysis.py on each SRC (transformers): analysis.json and attention-entropy.png in its eval
+    folder, a short report on stdout (or, with --json, the results)."""
+    import time
+
+    from eval.analysis import analyse, analysis_text
+    from eval.artifacts import resolve
+    from eval.winrate import prompt_text
+    from toolkit.errors import ToolkitError
+    from toolkit.io import read_jsonl, write_json
+
+    if not args.prompts:
+        raise ToolkitError("--analysis needs --prompts FILE (jsonl with a prompt column) to generate from")
+    rows = read_jsonl(args.prompts)[: args.limit or 32]
+    prompts = [prompt_text(row, args.prompts, line) for line, row in enumerate(rows, 1)]
+    texts = [row["text"] for row in read_jsonl(args.perplexity)[:8]] if args.perplexity else prompts[:8]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results = {}
+    for src in args.model:
+        artifact = resolve(src)
+        if artifact.kind == "gguf":
+            raise ToolkitError(
+                f"{src}: --analysis reads attention and counts FLOPs in transformers; pass the "
+                "checkpoint the GGUF was exported from"
+            )
+        model, tokenizer = artifact.load()
+        out = artifact.eval_dir / stamp
+        result = analyse(
+            model, tokenizer, prompts, texts, max_new_tokens=args.max_new_tokens,
+            heatmap_path=out / "attention-entropy.png", title=f"attention entropy: {src}",
+        )  # fmt: skip
+        result |= {
+            "artifact": artifact.path,
+            "prompts": args.prompts,
+            "texts": args.perplexity or args.prompts,
+        }
+        write_json(out / "analysis.json", result)
+        results[src] = result
+        if not args.json:
+            print(f"## {src}\n{analysis_text(result)}\nresults: {out / 'analysis.json'}\n")
+    if args.json:
+        print(json.dumps(results[args.model[0]] if len(results) == 1 else results))
+    return 0
+
+
+def run_win_rate(args: argparse.Namespace) -> int:
+    """SRC against `--against` on `--prompts` (eval/winrate.py): the table on stdout (or, with --json, the
+    summary), winrate.json, verdicts.jsonl (every answer and verdict) and report.md in SRC's eval folder."""
+    import time
+
+    from eval.artifacts import resolve
+    from eval.winrate import answers_of, make_judge, markdown, prompt_text, win_rate
+    from toolkit import __version__
+    from toolkit.errors import ToolkitError
+    from toolkit.io import read_jsonl, write_json, write_text
+
+    if len(args.model) != 1 or not args.prompts:
+        raise ToolkitError("--against BASE takes one SRC and --prompts FILE (jsonl: prompt, optional answer)")
+    rows = read_jsonl(args.prompts)[: args.limit]
+    prompts = [prompt_text(row, args.prompts, line) for line, row in enumerate(rows, 1)]
+    model, base = resolve(args.model[0]), resolve(args.against)
+    judge = make_judge(args.judge, args.judge_model) if args.judge else None
+    model_answers = answers_of(model, prompts, args.max_new_tokens)
+    base_answers = answers_of(base, prompts, args.max_new_tokens)
+    summary, verdicts = win_rate(
+        [{**row, "prompt": prompt} for row, prompt in zip(rows, prompts, strict=True)],
+        model_answers,
+        base_answers,
+        judge,
+        where=args.prompts,
+    )
+    result = {
+        **summary,
+        "model": {"src": model.src, "path": model.path, "kind": model.kind, "dtype": model.dtype},
+        "base": {"src": base.src, "path": base.path, "kind": base.kind, "dtype": base.dtype},
+        "judge": getattr(judge, "name", None),
+        "prompts": args.prompts,
+        "limit": args.limit,
+        "chat_template": True,
+        "max_new_tokens": args.max_new_tokens,
+        "decoding": "greedy",
+        "interval": "normal 95% (mean ± 1.96 stderr), win 1 / tie 0.5 / loss 0",
+        "toolkit": __version__,
+    }
+    out = model.eval_dir / time.strftime("%Y%m%d-%H%M%S")
+    write_json(out / "winrate.json", result)
+    write_text(out / "verdicts.jsonl", "".join(json.dumps(v) + "\n" for v in verdicts))
+    table = markdown(summary, model.src, base.src, result["judge"])
+    write_text(out / "report.md", table + "\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(table)
+        print(f"\nprompts {args.prompts}; greedy, chat template on; verdicts: {out / 'verdicts.jsonl'}")
     return 0
 
 
@@ -144,5 +245,27 @@ def register_commands(groups: dict[str, Any]) -> None:
         "--json",
         action="store_true",
         help="lm-eval: print only the results mapping (several SRCs: one mapping per SRC)",
+    )
+    evaluate.add_argument("--against", metavar="BASE", help="win-rate of SRC against BASE on --prompts")
+    evaluate.add_argument(
+        "--prompts",
+        help="win-rate: jsonl of prompts; rows with an `answer` are scored exactly, others judged",
+    )
+    evaluate.add_argument(
+        "--judge",
+        help="win-rate: the pairwise judge of open prompts, a model (folder or Hub id) or an "
+        "OpenAI-compatible URL (asked in both orders)",
+    )
+    evaluate.add_argument(
+        "--judge-model", help="win-rate: the model name at the judge URL (default: its first)"
+    )
+    evaluate.add_argument(
+        "--max-new-tokens", type=int, default=64, help="win-rate: tokens per answer (greedy; default 64)"
+    )
+    evaluate.add_argument(
+        "--analysis",
+        action="store_true",
+        help="distinct-n, repetition and length of generations for --prompts, attention entropy heat-map "
+        "(on --perplexity texts, else the prompts), parameters, FLOPs/token, tokens/s, memory",
     )
     evaluate.set_defaults(func=run_eval)
