@@ -126,6 +126,27 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from toolkit.runs import compare, compare_text, find_runs, run_folder, run_row, runs_table
+
+    if args.dir == "compare":
+        if len(args.pair) != 2:
+            raise ToolkitError("toolkit runs compare A B: two run folders")
+        diff = compare(run_folder(args.pair[0]), run_folder(args.pair[1]))
+        print(json.dumps(diff, indent=2, default=str) if args.json else compare_text(diff))
+        return 0
+    if args.pair:
+        raise ToolkitError(
+            f"unexpected {' '.join(args.pair)}: `toolkit runs [DIR]` or `toolkit runs compare A B`"
+        )
+    runs = find_runs(args.dir)
+    if not runs:
+        raise ToolkitError(f"no run folders (a recipe.yaml inside) in {args.dir}")
+    rows = [run_row(run) for run in runs]
+    print(json.dumps(rows, indent=2) if args.json else runs_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     commands.add_parser("methods", help="the methods a recipe stage can name").set_defaults(func=cmd_methods)
+
+    runs = commands.add_parser(
+        "runs",
+        help="the experiment log: every run in DIR as a table; `runs compare A B` diffs two runs",
+        description="toolkit runs [DIR]  |  toolkit runs compare A B",
+    )
+    runs.add_argument("dir", nargs="?", default="runs", help="folder of runs (default runs/), or `compare`")
+    runs.add_argument("pair", nargs="*", help="compare: the two run folders")
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(func=cmd_runs)
 
     arch = commands.add_parser("arch", help="architectures and presets").add_subparsers(
         dest="arch", required=True

@@ -146,7 +146,10 @@ def run(
             shutil.rmtree(folder.path)
         folder.path.mkdir(parents=True, exist_ok=True)
         write_text(folder.recipe_path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        write_json(folder.env_path, environment())
+        write_json(
+            folder.env_path,
+            {**environment(), "recipe_file": str(recipe.source) if recipe.source else None},
+        )
     state.wait_for_everyone()
 
     hooks = section_hooks()
@@ -168,6 +171,7 @@ def run(
             if state.is_main_process:
                 before = resolve(hook.before)(context, stage.eval)
             state.wait_for_everyone()
+        started = time.time()
         outcome: StageOutcome = resolve(kind.run)(context)
         evaluation = outcome.eval
         if hook is not None:
@@ -179,7 +183,12 @@ def run(
         if state.is_main_process:
             if evaluation is not None:
                 write_json(stage_folder.eval_path, evaluation)
-            record = {"method": stage.method, "final": str(outcome.final) if outcome.final else None}
+            record = {
+                "method": stage.method,
+                "final": str(outcome.final) if outcome.final else None,
+                "seconds": round(time.time() - started, 1),  # the stage's wall time, its evaluation included
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
             write_json(stage_folder.done_path, {**record, **outcome.details})
         state.wait_for_everyone()
         results.append(StageResult(stage.name, stage.method, outcome.final or stage_folder.final, evaluation))
