@@ -182,6 +182,7 @@ def measured_memory(model: Any, ids: torch.Tensor) -> dict[str, int]:
     del trainable, optimizer
     return {
         "weights": weights,
+        "buffers": buffers,
         "inference_peak_rise": forward["peak_rise"],
         "training_step_peak_rise": step["peak_rise"],
     }
