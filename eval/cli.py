@@ -122,86 +122,54 @@ def run_analysis(args: argparse.Namespace) -> int:
 
 def run_win_rate(args: argparse.Namespace) -> int:
     """SRC against `--against` on `--prompts` (eval/winrate.py): the table on stdout (or, with --json, the
-    summary), winrate.json, verdicts.jsonl (every answer and verdict) and report.md in SRC's eval folder."""
+    result), winrate.json, verdicts.jsonl (every answer and verdict) and report.md in SRC's eval folder."""
     import time
 
     from eval.artifacts import resolve
-    from eval.winrate import answers_of, make_judge, markdown, prompt_text, win_rate
-    from toolkit import __version__
+    from eval.winrate import evaluate_win_rate, save_win_rate
     from toolkit.errors import ToolkitError
-    from toolkit.io import read_jsonl, write_json, write_text
 
     if len(args.model) != 1 or not args.prompts:
         raise ToolkitError("--against BASE takes one SRC and --prompts FILE (jsonl: prompt, optional answer)")
-    rows = read_jsonl(args.prompts)[: args.limit]
-    prompts = [prompt_text(row, args.prompts, line) for line, row in enumerate(rows, 1)]
-    model, base = resolve(args.model[0]), resolve(args.against)
-    judge = make_judge(args.judge, args.judge_model) if args.judge else None
-    model_answers = answers_of(model, prompts, args.max_new_tokens)
-    base_answers = answers_of(base, prompts, args.max_new_tokens)
-    summary, verdicts = win_rate(
-        [{**row, "prompt": prompt} for row, prompt in zip(rows, prompts, strict=True)],
-        model_answers,
-        base_answers,
-        judge,
-        where=args.prompts,
+    model = resolve(args.model[0])
+    result, verdicts = evaluate_win_rate(
+        model,
+        resolve(args.against),
+        args.prompts,
+        limit=args.limit,
+        judge=args.judge,
+        judge_model=args.judge_model,
+        max_new_tokens=args.max_new_tokens,
     )
-    result = {
-        **summary,
-        "model": {"src": model.src, "path": model.path, "kind": model.kind, "dtype": model.dtype},
-        "base": {"src": base.src, "path": base.path, "kind": base.kind, "dtype": base.dtype},
-        "judge": getattr(judge, "name", None),
-        "prompts": args.prompts,
-        "limit": args.limit,
-        "chat_template": True,
-        "max_new_tokens": args.max_new_tokens,
-        "decoding": "greedy",
-        "interval": "normal 95% (mean ± 1.96 stderr), win 1 / tie 0.5 / loss 0",
-        "toolkit": __version__,
-    }
     out = model.eval_dir / time.strftime("%Y%m%d-%H%M%S")
-    write_json(out / "winrate.json", result)
-    write_text(out / "verdicts.jsonl", "".join(json.dumps(v) + "\n" for v in verdicts))
-    table = markdown(summary, model.src, base.src, result["judge"])
-    write_text(out / "report.md", table + "\n")
+    table = save_win_rate(out, result, verdicts)
     if args.json:
         print(json.dumps(result))
     else:
         print(table)
-        print(f"\nprompts {args.prompts}; greedy, chat template on; verdicts: {out / 'verdicts.jsonl'}")
+        print(f"verdicts: {out / 'verdicts.jsonl'}")
     return 0
 
 
 def run_harness(args: argparse.Namespace) -> int:
-    """lm-eval tasks on each SRC, one after the other; each SRC's results and table in its own eval folder
-    (`eval.artifacts`), one side-by-side table of all on stdout (or, with --json, the results mappings)."""
-    import time
-
+    """lm-eval tasks (and --perplexity) on each SRC, one after the other (eval/compare.py); each SRC's results
+    and table in its own eval folder (`eval.artifacts`), one side-by-side table of all on stdout (or, with
+    --json, the results mappings)."""
     from eval.artifacts import resolve
-    from eval.harness import check_tasks, markdown_table, run_tasks
-    from toolkit.io import write_json, write_text
+    from eval.compare import side_by_side
+    from eval.harness import markdown_table
 
     tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
-    manager = check_tasks(tasks, args.include_path)
     artifacts = [resolve(src) for src in args.model]  # every SRC checked before the first runs
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    rows: dict[str, dict[str, Any]] = {}
-    for artifact in artifacts:
-        with artifact.lm(chat_template=args.chat_template) as lm:
-            result = run_tasks(
-                lm,
-                tasks,
-                manager=manager,
-                limit=args.limit,
-                chat_template=args.chat_template,
-                artifact=artifact.path,
-                dtype=artifact.dtype,
-            )
-        result["kind"] = artifact.kind
-        out = artifact.eval_dir / stamp
-        write_json(out / "results.json", result)
-        write_text(out / "report.md", markdown_table({artifact.src: result}) + "\n")
-        rows[artifact.src] = result | {"saved": str(out / "results.json")}
+    rows = side_by_side(
+        artifacts,
+        tasks=tasks,
+        include_path=args.include_path,
+        limit=args.limit,
+        chat_template=args.chat_template,
+        perplexity=args.perplexity,
+        stride=args.stride,
+    )
     if args.json:
         mappings = {src: result["results"] for src, result in rows.items()}
         print(json.dumps(mappings[args.model[0]] if len(rows) == 1 else mappings))

@@ -86,17 +86,18 @@ def run_tasks(
 
 
 def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
-    """One table for one or more artifacts (rows) by task/metric (columns), value ± stderr."""
+    """One table for one or more artifacts (rows) by task/metric (columns), value ± stderr; a perplexity
+    column (tokens counted) where a row has one (`eval.compare`)."""
     columns: list[tuple[str, str]] = []
     for result in rows.values():
-        for task, metrics in result["results"].items():
+        for task, metrics in result.get("results", {}).items():
             for key in metrics:
                 if "," in key and "_stderr" not in key and (task, key) not in columns:
                     columns.append((task, key))
-    lines = [
-        "| artifact | dtype | " + " | ".join(f"{task} {key.split(',')[0]}" for task, key in columns) + " |",
-        "|---|---|" + "---:|" * len(columns),
-    ]
+    with_perplexity = any("perplexity" in result for result in rows.values())
+    names = [f"{task} {key.split(',')[0]}" for task, key in columns]
+    names += ["perplexity", "tokens"] if with_perplexity else []
+    lines = ["| artifact | dtype | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
     for name, result in rows.items():
         cells = []
         for task, key in columns:
@@ -109,11 +110,28 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
                 cells.append(f"{value:.4g} ± {stderr:.2g}")
             else:
                 cells.append(f"{value:.4g}")
+        if with_perplexity:
+            measured = result.get("perplexity")
+            cells += [f"{measured['perplexity']:.4f}", str(measured["tokens"])] if measured else ["", ""]
         lines.append(f"| {name} | {result['dtype']} | " + " | ".join(cells) + " |")
     first = next(iter(rows.values()))
-    lines += [
-        "",
-        f"chat template {'on' if first['chat_template'] else 'off'}; limit {first['limit']}; "
-        f"n {first['n']}; {first['harness']}",
-    ]
-    return "\n".join(lines)
+    notes = []
+    if columns:
+        notes.append(
+            f"chat template {'on' if first['chat_template'] else 'off'}; limit {first['limit']}; "
+            "n "
+            + ", ".join(f"{task} {n}" for task, n in first["n"].items())
+            + f"; {first.get('harness', '')}"
+        )
+    if with_perplexity:
+        text = next(r["perplexity"]["text"] for r in rows.values() if "perplexity" in r)
+        stride = next(r["perplexity"].get("stride") for r in rows.values() if "perplexity" in r)
+        notes.append(
+            f"perplexity on {text}, "
+            + (
+                f"sliding 256-token window, stride {stride}"
+                if stride
+                else "non-overlapping 256-token windows"
+            )
+        )
+    return "\n".join([*lines, "", *notes])

@@ -280,4 +280,63 @@ def markdown(summary: dict[str, Any], model: str, base: str, judge: str | None) 
             f"| {name} | {part['n']} | {part['win']} | {part['tie']} | {part['loss']} | "
             f"{part['win_rate']:.3f} ± {part['stderr']:.3f} | [{low:.3f}, {high:.3f}] |"
         )
+    if "prompts" in summary:  # a saved result: say what it was computed on
+        lines += [
+            "",
+            f"prompts {summary['prompts']} (limit {summary['limit']}); greedy, chat template on, at most "
+            f"{summary['max_new_tokens']} new tokens; {summary['model']['src']} {summary['model']['dtype']}, "
+            f"{summary['base']['src']} {summary['base']['dtype']}",
+        ]
     return "\n".join(lines)
+
+
+def evaluate_win_rate(
+    model: Any,
+    base: Any,
+    prompts_file: str,
+    *,
+    limit: int | None = None,
+    judge: str | None = None,
+    judge_model: str | None = None,
+    max_new_tokens: int = 64,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(result, verdicts) of artifact `model` against artifact `base` (eval.artifacts) on a prompts file: the
+    summary and everything it was computed on."""
+    from toolkit import __version__
+    from toolkit.io import read_jsonl
+
+    rows = read_jsonl(prompts_file)[:limit]
+    prompts = [prompt_text(row, prompts_file, line) for line, row in enumerate(rows, 1)]
+    chosen = make_judge(judge, judge_model) if judge else None
+    summary, verdicts = win_rate(
+        [{**row, "prompt": prompt} for row, prompt in zip(rows, prompts, strict=True)],
+        answers_of(model, prompts, max_new_tokens),
+        answers_of(base, prompts, max_new_tokens),
+        chosen,
+        where=prompts_file,
+    )
+    result = {
+        **summary,
+        "model": {"src": model.src, "path": model.path, "kind": model.kind, "dtype": model.dtype},
+        "base": {"src": base.src, "path": base.path, "kind": base.kind, "dtype": base.dtype},
+        "judge": getattr(chosen, "name", None),
+        "prompts": prompts_file,
+        "limit": limit,
+        "chat_template": True,
+        "max_new_tokens": max_new_tokens,
+        "decoding": "greedy",
+        "interval": "normal 95% (mean ± 1.96 stderr), win 1 / tie 0.5 / loss 0",
+        "toolkit": __version__,
+    }
+    return result, verdicts
+
+
+def save_win_rate(folder: Path, result: dict[str, Any], verdicts: list[dict[str, Any]]) -> str:
+    """winrate.json, verdicts.jsonl and report.md in `folder`; returns the report's table."""
+    from toolkit.io import write_json, write_text
+
+    table = markdown(result, result["model"]["src"], result["base"]["src"], result["judge"])
+    write_json(folder / "winrate.json", result)
+    write_text(folder / "verdicts.jsonl", "".join(json.dumps(v) + "\n" for v in verdicts))
+    write_text(folder / "report.md", table + "\n")
+    return table

@@ -372,7 +372,7 @@ def check_inputs(recipe: Recipe, problems: Problems) -> None:
             if problem := local_path_problem(value, folder=True):
                 problems.add(f"{at}.{key}: {value}: {problem}")
         if kind.preflight is not None:
-            resolve(kind.preflight)(stage, at, problems)
+            resolve(kind.preflight)(stage, at, problems, recipe)
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Recipe:

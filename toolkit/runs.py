@@ -62,6 +62,18 @@ def stage_measures(stage: StageFolder) -> dict[str, Any]:
 def saved_evaluations(run: RunFolder) -> dict[str, Any]:
     """The latest saved `toolkit eval` results of the run: lm-eval `task/metric` values and the win-rate."""
     found: dict[str, Any] = {}
+    for stage in run.stages():  # evaluate stages: {artifact: result} in results.json, a win-rate beside
+        side_by_side = _json(stage.path / "results.json") or {}
+        for name, result in side_by_side.items():
+            for task, metrics in (result.get("results") or {}).items() if isinstance(result, dict) else []:
+                for key, value in metrics.items():
+                    if "," in key and "_stderr" not in key and isinstance(value, (int, float)):
+                        found[f"{name} {task}/{key.split(',')[0]}"] = value
+            if isinstance(result, dict) and "perplexity" in (result.get("perplexity") or {}):
+                found[f"{name} perplexity"] = result["perplexity"]["perplexity"]
+        winrate = _json(stage.path / "win-rate" / "winrate.json")
+        if winrate:
+            found[f"{winrate['model']['src']} win-rate vs {winrate['base']['src']}"] = winrate["win_rate"]
     folder = run.path / "eval"
     for stamp in sorted(folder.iterdir()) if folder.is_dir() else []:
         results = _json(stamp / "results.json")
@@ -132,7 +144,9 @@ def runs_table(rows: list[dict[str, Any]]) -> str:
         data = ", ".join(Path(s).name if "/" in s and Path(s).suffix else s for s in row["data"][:3])
         data += f" +{len(row['data']) - 3}" if len(row["data"]) > 3 else ""
         final = ", ".join(f"{k} {_number(v)}" for k, v in row["final"].items()) or "-"
-        evaluations = ", ".join(f"{k} {_number(v)}" for k, v in list(row["eval"].items())[:4]) or "-"
+        shown = list(row["eval"].items())
+        evaluations = ", ".join(f"{k} {_number(v)}" for k, v in shown[:4]) or "-"
+        evaluations += f" (+{len(shown) - 4}: --json)" if len(shown) > 4 else ""
         recipe = Path(row["recipe"]).name if row["recipe"] else "-"
         lines.append(
             f"| {row['name']} | {recipe} | {stages} | {data or '-'} | {row['steps']} | {_wall(row['seconds'])} "

@@ -74,8 +74,9 @@ class StageKind:
     produces_tokenizer: bool = False  # its `final/` is a tokenizer a later preset model takes by default
     data_kind: str | None = None  # the canonical row kind of toolkit.data its `data:` rows become
     trainer: TrainerSpec | None = None
-    # "module:function" (stage, where, problems) run when a recipe file is loaded, before any stage runs:
-    # checks that need more than the recipe's text (e.g. that reward functions import and answer).
+    # "module:function" (stage, where, problems, recipe) run when a recipe file is loaded, before any stage
+    # runs: checks that need more than the stage's text (e.g. that reward functions import and answer, or that
+    # the stages it names come before it).
     preflight: str | Callable[..., None] | None = None
 
     @property

@@ -146,7 +146,7 @@ def _first_rows(stage: Any, count: int = 2) -> tuple[list[dict[str, Any]], str] 
     return (first, source.path) if first else None
 
 
-def preflight(stage: Any, at: str, problems: Problems) -> None:
+def preflight(stage: Any, at: str, problems: Problems, recipe: Any = None) -> None:
     """Import every reward function and call it on two real rows with a dummy completion; check the data has
     what the method and the built-ins read."""
     found = _first_rows(stage)

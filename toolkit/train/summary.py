@@ -16,7 +16,9 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
         "accuracy: exact answers to held-out questions; answer nll: nats per token of the right answer "
         "(lower is better); perplexity: on held-out text"
     )
-    evaluated = [r for r in results if r.eval]
+    # A side-by-side report (an `evaluate` stage) is printed whole, last.
+    evaluated = [r for r in results if r.eval and "report" not in r.eval]
+    reports = [r for r in results if r.eval and "report" in r.eval]
     if evaluated:
         tasks = sorted({t for r in evaluated for t in r.eval.get("tasks", {}).get("per_task", {})})
         header = ["stage", "accuracy", "answer nll", "perplexity", *tasks]
@@ -63,6 +65,8 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
         plot = r.final.parent / "plots" / "loss.png"
         if plot.exists():
             lines.append(f"  {'':>10}  {plot}")
+    for r in reports:
+        lines += ["", f"Side by side ({r.name}, {r.final / 'report.md'}):", "", r.eval["report"]]
     return "\n".join(lines)
 
 
