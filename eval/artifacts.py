@@ -94,7 +94,9 @@ def is_vllm_export(folder: Path) -> bool:
     report = folder / "export_report.json"
     if not report.exists():
         return False
-    return json.loads(report.read_text()).get("target") == "vllm"
+    # Only `toolkit export vllm` writes this file; reports before "target" was recorded have "form".
+    content = json.loads(report.read_text())
+    return content.get("target", "vllm" if "form" in content else None) == "vllm"
 
 
 def resolve(src: str) -> Artifact:
@@ -107,8 +109,11 @@ def resolve(src: str) -> Artifact:
             raise ToolkitError(f"{src}: no such GGUF file")
         return Artifact(src, "gguf", str(path.resolve()), path.parent / "eval" / path.stem, gguf_dtype(path))
     if path.exists():
-        folder, _ = model_folder_of(path)
-        if is_vllm_export(folder):
+        if is_vllm_export(path) and (path / "merged" / "config.json").exists():
+            folder = path / "merged"  # a LoRA run's export: the merged model (vLLM serves it as it is)
+        else:
+            folder, _ = model_folder_of(path)
+        if is_vllm_export(folder) or folder == path / "merged":
             from export.verify_vllm import vllm_executable
 
             if vllm_executable() is not None:

@@ -19,12 +19,18 @@ from toolkit.stages import StageContext, StageKind, StageOutcome, register_stage
 class ExportOptions:
     """An export stage's `export:` section."""
 
+    target: str = "gguf"  # gguf: a GGUF + Modelfile in gguf/; vllm: a folder `vllm serve` takes, in vllm/
     quant: str = "q8_0"
     verify: bool = True  # in llama.cpp against the source; a missed bound stops the run
     system: str | None = None  # SYSTEM prompt for the Modelfile
 
     def __post_init__(self) -> None:
         from export.gguf import QUANTS
+
+        if self.target not in ("gguf", "vllm"):
+            guess = nearest(self.target, ("gguf", "vllm"))
+            hint = f" (did you mean '{guess}'?)" if guess else ""
+            raise ValueError(f"target '{self.target}' is not an export target{hint}; one of gguf, vllm")
 
         if self.quant not in QUANTS:
             guess = nearest(self.quant, QUANTS)
@@ -46,6 +52,8 @@ def run_export(ctx: StageContext) -> StageOutcome:
         return StageOutcome(final=ctx.run_folder.gguf_dir)
     spec = ctx.stage.options
     source = ctx.run_folder.stage(ctx.stage.model["from"]).final
+    if spec["target"] == "vllm":
+        return run_vllm_export(ctx, source, spec)
     result = export_ollama(
         source,
         ctx.run_folder.gguf_dir,
@@ -74,14 +82,46 @@ def run_export(ctx: StageContext) -> StageOutcome:
     return StageOutcome(final=ctx.run_folder.gguf_dir, eval=evaluation, details=details)
 
 
+def run_vllm_export(ctx: StageContext, source: Any, spec: dict[str, Any]) -> StageOutcome:
+    """`toolkit export vllm` of the stage's model into the run's vllm/ (a LoRA adapter merged, with base/ and
+    adapter/ beside): verified in a clean process, and in vLLM itself where a vLLM environment exists."""
+    from export.vllm import export_vllm
+
+    result = export_vllm(source, ctx.run_folder.vllm_dir, force=True, verify=spec["verify"])
+    if not result.ok:
+        raise ToolkitError(
+            f"stages.{ctx.stage.name}: the vLLM folder missed a verification bound; see "
+            f"{result.path / 'export_report.json'}"
+        )
+    evaluation = {
+        "vllm": str(result.path),
+        "form": result.form,
+        "verified_in": result.report.get("verified_in"),
+        "checks": result.report.get("checks"),
+    }
+    details = {"vllm": str(result.path), "serve": str(result.model_dir)}
+    return StageOutcome(final=result.path, eval=evaluation, details=details)
+
+
+def preflight_export(stage: Any, at: str, problems: Any, recipe: Any = None) -> None:
+    """`eval:` on an export stage answers the held-out questions in llama.cpp: a GGUF's only."""
+    if (stage.options or {}).get("target") == "vllm" and stage.eval:
+        problems.add(
+            f"{at}.eval: a vLLM export is evaluated by an evaluate stage naming it "
+            f"({{method: evaluate, evaluate: {{models: [{stage.name}], tasks: [...]}}}})"
+        )
+
+
 def register() -> None:
     register_stage(
         StageKind(
             "export",
             run=run_export,
-            description="verified GGUF and Ollama Modelfile of an earlier stage's model, in the run's gguf/",
+            description="an earlier stage's model as a verified GGUF + Ollama Modelfile (gguf/) or vLLM folder "
+            "(vllm/)",
             keys=("model", "eval"),
             section="export",
             schema=ExportOptions,
+            preflight=preflight_export,
         )
     )

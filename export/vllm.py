@@ -460,6 +460,7 @@ def export_vllm(
             model_dir.mkdir(exist_ok=True)
             eos = write_model_folder(source.folder, model_dir, route, dtype, max_shard_size)
             report: dict[str, Any] = {
+                "target": "vllm",
                 "source": lora["adapter"] if lora else str(source.folder),
                 "run_dir": str(source.run_dir) if source.run_dir else None,
                 "source_model_type": model_type,

@@ -53,6 +53,7 @@ MODEL_KEYS = (
     "revision",
     "add_special_tokens",
     "pad_vocab_to_multiple_of",
+    "quantization",  # transformers.BitsAndBytesConfig fields: QLoRA's 4-bit base (`load_in_4bit: true`)
 )
 DATA_KEYS = {"sources", "eval_sources", "eval_fraction"}
 
@@ -299,7 +300,28 @@ def _parse_model(
     multiple = model.get("pad_vocab_to_multiple_of", 1)
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         problems.add(f"{at}.model.pad_vocab_to_multiple_of: give a positive integer, got {multiple!r}")
+    if "quantization" in model:
+        _check_quantization(model["quantization"], model, f"{at}.model.quantization", problems)
     return model
+
+
+def _check_quantization(raw: Any, model: dict[str, Any], at: str, problems: Problems) -> None:
+    """`model.quantization`: keys of transformers' BitsAndBytesConfig, on a pretrained model (a preset starts
+    from random weights: nothing to quantize)."""
+    import inspect
+
+    from transformers import BitsAndBytesConfig
+
+    valid = [
+        k for k in inspect.signature(BitsAndBytesConfig.__init__).parameters if k not in ("self", "kwargs")
+    ]
+    section = problems.mapping(raw, valid, at)
+    if "preset" in model:
+        problems.add(
+            f"{at}: a preset model starts from random weights; quantize a pretrained base (path/from)"
+        )
+    if section and not (section.get("load_in_4bit") or section.get("load_in_8bit")):
+        problems.add(f"{at}: set load_in_4bit: true (QLoRA) or load_in_8bit: true")
 
 
 def _parse_tokenizer_ref(

@@ -57,10 +57,51 @@ def device_defaults(fields: set[str], train: dict[str, Any]) -> dict[str, Any]:
 
 
 def resolve_model_path(stage: Stage, run_dir: Path) -> str:
-    """Where a stage's starting weights come from: an earlier stage's `final/`, a local folder or a Hub id."""
+    """Where a stage's starting weights come from: an earlier stage's `final/`, a local folder or a Hub id.
+    An earlier stage that trained a LoRA adapter hands on its adapter merged into its base (`merged_adapter`),
+    so that the stage trains (and names as its own adapter's base) the model that stage ended with."""
     if "from" in stage.model:
-        return str(run_dir / stage.model["from"] / "final")
+        final = run_dir / stage.model["from"] / "final"
+        if (final / "adapter_config.json").exists():
+            return str(merged_adapter(final))
+        return str(final)
     return str(stage.model["path"])
+
+
+def merged_adapter(adapter: Path) -> Path:
+    """`<stage>/merged/`: the LoRA adapter in `adapter` merged (peft's `merge_and_unload`) into its base,
+    loaded at the base's own precision (never 4-bit: a quantized base is refused), with the adapter's
+    tokenizer; written once, atomically, by the main process. An absolute path: the next adapter names it as
+    its base, and the run folder may be used from anywhere."""
+    from peft import PeftModel
+
+    from toolkit.train.runner import distributed_state
+
+    merged = (adapter.parent / "merged").resolve()
+    with distributed_state().main_process_first():
+        if (merged / "config.json").exists() or not distributed_state().is_main_process:
+            return merged
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path")
+        if not base:
+            raise ToolkitError(
+                f"{adapter}/adapter_config.json names no base_model_name_or_path to merge into"
+            )
+        base_config = Path(base) / "config.json"
+        if base_config.exists() and "quantization_config" in json.loads(base_config.read_text()):
+            raise ToolkitError(
+                f"{adapter}: its base {base} is quantized; merge into the full-precision base instead "
+                "(point base_model_name_or_path in adapter_config.json at it)"
+            )
+        print(f"merging the LoRA adapter {adapter} into {base} -> {merged}")
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", use_safetensors=True)
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+        tmp = merged.parent / ".merged.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(adapter).save_pretrained(tmp)
+        os.replace(tmp, merged)
+    return merged
 
 
 def load_tokenizer(stage: Stage, run_dir: Path) -> PreTrainedTokenizerBase:
@@ -120,8 +161,12 @@ def load_model(stage: Stage, run_dir: Path, tokenizer: PreTrainedTokenizerBase) 
     for key in ("dtype", "attn_implementation", "revision"):
         if spec.get(key):
             kwargs[key] = spec[key]
+    if spec.get("quantization"):
+        kwargs["quantization_config"] = quantization_config(stage)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ImportError as error:  # bitsandbytes (the gpu extra) missing, or too old for this machine
+        raise ToolkitError(f"stages.{stage.name}.model.quantization: {error}") from None
     except (OSError, ValueError) as error:
         raise ToolkitError(f"stages.{stage.name}.model: cannot load '{source}': {error}") from None
     if spec.get("config"):
@@ -133,6 +178,18 @@ def load_model(stage: Stage, run_dir: Path, tokenizer: PreTrainedTokenizerBase) 
             len(tokenizer), pad_to_multiple_of=stage.model.get("pad_vocab_to_multiple_of")
         )
     return model
+
+
+def quantization_config(stage: Stage) -> Any:
+    """`model.quantization` as transformers' BitsAndBytesConfig (QLoRA: a 4-bit base under a LoRA adapter);
+    compute and storage dtypes given by name ("bfloat16") become torch dtypes."""
+    from transformers import BitsAndBytesConfig
+
+    options = dict(stage.model["quantization"])
+    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        if isinstance(options.get(key), str):
+            options[key] = getattr(torch, options[key])
+    return BitsAndBytesConfig(**options)
 
 
 def load_data(stage: Stage, kind: str, spec: TrainerSpec, seed: int) -> tuple[Any, Any]:
