@@ -157,6 +157,58 @@ def eval_results(stage: StageFolder | None, model_name: str) -> list[Any]:
     return results
 
 
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+
+
+def saved_lm_eval(folder: Path, run: RunFolder | None) -> list[dict[str, Any]]:
+    """lm-eval results `toolkit eval` saved for the pushed folder (its own `eval/`, or the export's around a
+    LoRA run's `merged/`) and those of the run's evaluate stages that name it as their artifact; oldest
+    first."""
+    folder = folder.resolve()
+    mine = {str(folder), str(folder.parent)} if folder.name == "merged" else {str(folder)}
+    found: list[tuple[str, dict[str, Any]]] = []
+    for root in {folder, folder.parent} if folder.name == "merged" else {folder}:
+        for path in (root / "eval").glob("*/results.json"):
+            found.append((path.parent.name, json.loads(path.read_text())))
+    for stage in run.stages() if run is not None else []:
+        saved = stage.path / "results.json"
+        table = json.loads(saved.read_text()) if saved.exists() else {}
+        if not isinstance(table, dict):
+            continue
+        for result in table.values():
+            if isinstance(result, dict) and result.get("artifact") in mine and result.get("results"):
+                found.append((Path(result.get("saved", saved)).parent.name, result))
+    return [result for _, result in sorted(found, key=lambda item: item[0])]
+
+
+def lm_eval_results(folder: Path, run: RunFolder | None) -> list[Any]:
+    """`EvalResult`s (model-index) of every task/metric lm-eval computed on the folder, the latest of each;
+    the metric's name says how (chat template, limit, harness version)."""
+    from huggingface_hub import EvalResult
+
+    latest: dict[tuple[str, str], Any] = {}
+    for result in saved_lm_eval(folder, run):
+        how = f"chat template {'on' if result.get('chat_template') else 'off'}"
+        how += f", limit {result['limit']}" if result.get("limit") else ""
+        harness = result.get("harness") or "lm-eval"
+        for task, metrics in result["results"].items():
+            for key, value in metrics.items():
+                if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                    continue
+                metric = key.split(",")[0]
+                latest[(task, metric)] = EvalResult(
+                    task_type=PIPELINE_TAG,
+                    dataset_type=task,
+                    dataset_name=task,
+                    metric_type=metric,
+                    metric_value=value,
+                    metric_name=f"{metric} ({how}; {harness})",
+                    source_name=harness,
+                    source_url=LM_EVAL_URL,
+                )
+    return list(latest.values())
+
+
 def build_model_card(folder: Path, repo_id: str, gguf_files: list[str], license: str | None = None) -> Any:
     """The `huggingface_hub.ModelCard` for `folder` pushed as `repo_id` with `gguf_files` beside it."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -171,7 +223,7 @@ def build_model_card(folder: Path, repo_id: str, gguf_files: list[str], license:
         base = report["lora"]["base"]
     datasets = sorted({d for s in stages for d in s["data"] if _is_hub_id(d)})
     name = repo_id.split("/")[-1]
-    results = eval_results(stage, name)
+    results = eval_results(stage, name) + lm_eval_results(folder, run)
     remote = "auto_map" in config
     tags = ["forge-toolkit", config.get("model_type", ""), report.get("source_model_type") or ""]
     tags += [s["method"] for s in stages if s.get("method")] + (["gguf"] if gguf_files else [])

@@ -119,3 +119,50 @@ def test_push_flow_against_a_local_hub(exported, tmp_path):
         expected_class=r"transformers\.models\.llama\.modeling_llama\.LlamaForCausalLM",
     )
     assert section["ok"], section["checks"]
+
+
+def test_lm_eval_results_go_into_model_index(exported, tmp_path):
+    """What `toolkit eval` saved for the pushed folder, and what an evaluate stage measured on it, reach the
+    card's model-index as the Hub parses it: the latest value of each task/metric, saying how it was run."""
+    folder = exported / "vllm"
+    older, newer = folder / "eval" / "20261201-100000", folder / "eval" / "20261202-100000"
+    for saved, value in ((older, 0.25), (newer, 0.375)):
+        saved.mkdir(parents=True)
+        result = {
+            "results": {"forge_heldout": {"exact_match,none": value, "exact_match_stderr,none": 0.1}},
+            "chat_template": True,
+            "limit": 8,
+            "harness": "lm-eval 0.4.13",
+        }
+        (saved / "results.json").write_text(json.dumps(result))
+    stage = exported / "evaluate"
+    stage.mkdir()
+    table = {
+        "sft": {"artifact": str(exported / "sft" / "final"), "results": {"arc_easy": {"acc,none": 0.9}}},
+        "export": {
+            "artifact": str(folder.resolve()),
+            "results": {"forge_heldout_choice": {"acc,none": 0.5}},
+            "chat_template": False,
+            "harness": "lm-eval 0.4.13",
+            "saved": str(stage / "export" / "20261202-110000" / "results.json"),
+        },
+    }
+    (stage / "results.json").write_text(json.dumps(table))
+    recipe = (exported / "recipe.yaml").read_text()
+    (exported / "recipe.yaml").write_text(recipe + "- {name: evaluate, method: evaluate}\n")
+    try:
+        card_path = tmp_path / "README.md"
+        card_path.write_bytes(_card(plan_upload(exported, "me/tiny")).content.encode())
+        results = ModelCard.load(card_path).data.eval_results
+        lm_eval = {r.dataset_type: r for r in results if r.source_name == "lm-eval 0.4.13"}
+        assert set(lm_eval) == {"forge_heldout", "forge_heldout_choice"}  # sft's arc_easy is another model
+        heldout = lm_eval["forge_heldout"]
+        assert (heldout.metric_type, heldout.metric_value) == ("exact_match", 0.375)
+        assert heldout.metric_name == "exact_match (chat template on, limit 8; lm-eval 0.4.13)"
+        assert lm_eval["forge_heldout_choice"].metric_name == "acc (chat template off; lm-eval 0.4.13)"
+    finally:
+        import shutil
+
+        shutil.rmtree(folder / "eval")
+        shutil.rmtree(stage)
+        (exported / "recipe.yaml").write_text(recipe)

@@ -29,7 +29,7 @@ def test_the_7b_recipe_is_a_valid_recipe():
     assert sft.train["per_device_train_batch_size"] * sft.train["gradient_accumulation_steps"] == 32
     assert sft.model["quantization"]["load_in_4bit"] and dpo.model["from"] == "sft"
     assert (dpo.train["learning_rate"], dpo.train["beta"], dpo.train["num_train_epochs"]) == (1.0e-5, 0.1, 1)
-    assert vllm.options["target"] == "vllm" and evaluate.options["win_rate"]["model"] == "vllm"
+    assert vllm.options["target"] == "vllm" and evaluate.options["win_rate"]["model"] == "export"
 
 
 def logits(model, ids):
@@ -88,17 +88,18 @@ def test_the_tiny_twin_end_to_end(tmp_path):
     dpo = PeftModel.from_pretrained(merged_sft, run / "dpo" / "final").eval()
     export = AutoModelForCausalLM.from_pretrained(run / "vllm" / "merged").eval()
     assert (logits(export, ids) - logits(dpo, ids)).abs().max() < 1e-4
+    assert not (run / "vllm" / "stage.json").exists()  # the stage keeps its files out of what is served
     report = json.loads((run / "vllm" / "export_report.json").read_text())
     assert report["ok"] and "clean" in report["verified_in"]
 
     results = json.loads((run / "evaluate" / "results.json").read_text())
-    assert set(results) == {"base", "vllm"}
-    assert results["vllm"]["artifact"] == str((run / "vllm" / "merged").resolve())
-    assert results["vllm"]["n"] == {"forge_heldout": 6, "forge_heldout_choice": 6}
-    assert results["base"]["chat_template"] is True and results["vllm"]["perplexity"]["tokens"] > 0
+    assert set(results) == {"base", "export"}
+    assert results["export"]["artifact"] == str((run / "vllm" / "merged").resolve())
+    assert results["export"]["n"] == {"forge_heldout": 6, "forge_heldout_choice": 6}
+    assert results["base"]["chat_template"] is True and results["export"]["perplexity"]["tokens"] > 0
     winrate = json.loads((run / "evaluate" / "win-rate" / "winrate.json").read_text())
-    assert winrate["n"] == 6 and winrate["base"]["src"] == "base" and winrate["model"]["src"] == "vllm"
-    assert "Side by side (evaluate" in done.stdout and "win-rate of vllm against base" in done.stdout
+    assert winrate["n"] == 6 and winrate["base"]["src"] == "base" and winrate["model"]["src"] == "export"
+    assert "Side by side (evaluate" in done.stdout and "win-rate of export against base" in done.stdout
 
     log = subprocess.run([str(BIN / "toolkit"), "runs", str(tmp_path)], capture_output=True, text=True)
     assert (
