@@ -45,17 +45,14 @@ def run_perplexity(args: argparse.Namespace) -> int:
     """Perplexity of each SRC on the same text, a checkpoint in transformers and a GGUF file in llama.cpp (its
     own tokenizer and logits): one SRC prints its result as JSON, several print one table (tokens counted)."""
     from eval.artifacts import resolve
-    from eval.perplexity import gguf_perplexity, perplexity
+    from eval.compare import artifact_perplexity
     from toolkit.io import read_jsonl
 
     texts = [row["text"] for row in read_jsonl(args.perplexity)]
     artifacts = [resolve(src) for src in args.model]
     rows = {}
     for artifact in artifacts:
-        if artifact.kind == "gguf":
-            result = gguf_perplexity(artifact.path, texts, stride=args.stride)
-        else:
-            result = perplexity(*artifact.load(), texts, stride=args.stride)
+        result = artifact_perplexity(artifact, texts, args.stride)
         rows[artifact.src] = {
             **result,
             "dtype": artifact.dtype,
