@@ -62,7 +62,9 @@ def vllm_python() -> Path | None:
 
 
 def vllm_executable() -> Path | None:
-    """The `vllm` command: on PATH, else beside the vLLM environment's Python."""
+    """The `vllm` command: on PATH, else beside the vLLM environment's Python (none when turned off)."""
+    if os.environ.get(PYTHON_ENV) == DISABLED:
+        return None
     on_path = shutil.which("vllm")
     if on_path:
         return Path(on_path)

@@ -180,3 +180,32 @@ def test_gguf_perplexity_in_llama_cpp_equals_the_checkpoints(folder, gguf, tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| artifact | dtype | perplexity | tokens |" in proc.stdout
     assert f"| {gguf} | f32 | " in proc.stdout
+
+
+@pytest.mark.vllm
+def test_vllm_folder_served_by_vllm_scores_as_its_checkpoint(run, folder, tmp_path):
+    """The vLLM folder through `vllm serve` (the vLLM environment) and lm-eval's completions client gives the
+    checkpoint's exact-match and accuracy; the result says vLLM computed it, and the server is gone after."""
+    checkpoint = str(run / "sft" / "final")
+    ours = toolkit_eval(
+        tmp_path,
+        str(folder),
+        checkpoint,
+        "--tasks",
+        "forge_heldout,forge_heldout_choice",
+        "--limit",
+        "8",
+        "--json",
+    )
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    both = json.loads(ours.stdout)
+    served, reference = both[str(folder)], both[checkpoint]
+    assert served["forge_heldout"]["exact_match,none"] == reference["forge_heldout"]["exact_match,none"]
+    assert served["forge_heldout_choice"]["acc,none"] == reference["forge_heldout_choice"]["acc,none"]
+    record = json.loads(sorted((folder / "eval").glob("*/results.json"))[-1].read_text())
+    assert record["kind"] == "vllm" and record["artifact"] == str(folder.resolve())
+    log = (folder / "eval" / "vllm-server.log").read_text()
+    assert "vllm" in log.lower()
+    assert (
+        subprocess.run(["pgrep", "-f", f"vllm serve {folder.resolve()}"], capture_output=True).returncode == 1
+    )
