@@ -77,6 +77,10 @@ def run_tasks(
     return {
         "results": output["results"],
         "n": {name: sample["effective"] for name, sample in output.get("n-samples", {}).items()},
+        "split": {
+            name: config.get("test_split") or config.get("validation_split")
+            for name, config in output.get("configs", {}).items()
+        },
         "artifact": artifact,
         "dtype": dtype,
         "chat_template": chat_template,
@@ -120,7 +124,10 @@ def markdown_table(rows: dict[str, dict[str, Any]]) -> str:
         notes.append(
             f"chat template {'on' if first['chat_template'] else 'off'}; limit {first['limit']}; "
             "n "
-            + ", ".join(f"{task} {n}" for task, n in first["n"].items())
+            + ", ".join(
+                f"{task} {n} ({first.get('split', {}).get(task) or '?'} split)"
+                for task, n in first["n"].items()
+            )
             + f"; {first.get('harness', '')}"
         )
     if with_perplexity:
