@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +19,9 @@ from eval.analysis import (
     generation_measures,
     repetition,
 )
+from tests.eval.helpers import toolkit_eval
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 
 
 def test_distinct_and_repetition_by_hand():
@@ -85,12 +83,9 @@ def test_toolkit_eval_analysis(tmp_path):
     from tests.export.vllm_helpers import make_run
 
     run = make_run(tmp_path)
-    done = subprocess.run(
-        [
-            str(BIN / "toolkit"), "eval", str(run), "--analysis", "--prompts", str(ROOT / "data/eval/open.jsonl"),
-            "--perplexity", str(ROOT / "data/corpus/valid.jsonl"), "--limit", "4", "--json",
-        ],
-        capture_output=True, text=True, timeout=600,
+    done = toolkit_eval(
+        tmp_path, str(run), "--analysis", "--prompts", str(ROOT / "data/eval/open.jsonl"),
+        "--perplexity", str(ROOT / "data/corpus/valid.jsonl"), "--limit", "4", "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from export.vllm import export_vllm
+from tests.eval.helpers import toolkit_eval
 from tests.export.vllm_helpers import make_run
 
 pytestmark = pytest.mark.slow
@@ -20,13 +21,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 TASKS = "forge_heldout,forge_heldout_choice,forge_corpus"
-
-
-def toolkit_eval(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """`toolkit eval ARGS` as a user runs it: a fresh process, from `cwd`."""
-    return subprocess.run(
-        [str(BIN / "toolkit"), "eval", *args], capture_output=True, text=True, cwd=cwd, timeout=600
-    )
 
 
 @pytest.fixture(scope="module")

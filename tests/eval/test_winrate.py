@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from eval.winrate import JUDGE_PROMPT, Verdict, choose, judge_pair, summarize, win_rate
+from tests.eval.helpers import toolkit_eval
 from toolkit.errors import ToolkitError
 
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 
 
 def test_summary_against_a_hand_computation():
@@ -74,12 +72,6 @@ def test_choose_letters_missing_from_the_candidates():
     assert choose(None, -2.0).choice == "B"
     assert choose(None, None).choice == "tie"
     assert choose(-1.0, -3.0).margin == pytest.approx(2.0)
-
-
-def toolkit_eval(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "toolkit"), "eval", *args], capture_output=True, text=True, cwd=cwd, timeout=900
-    )
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,10 @@ def test_the_whole_demo_recipe_ends_with_the_side_by_side_table(tmp_path):
     assert {"pretrain", "sft", "dpo", "gguf"} <= set(rows), tail
     assert "forge_heldout exact_match | forge_heldout_choice acc" in table[0] and "| perplexity |" in table[0]
     assert "| q8_0 |" in rows["gguf"] and "| float32 |" in rows["dpo"]
-    assert "win-rate of dpo against pretrain" in tail and "chat template on; limit 6; n forge_heldout 6 (test split)" in tail
+    assert (
+        "win-rate of dpo against pretrain" in tail
+        and "chat template on; limit 6; n forge_heldout 6 (test split)" in tail
+    )
 
     results = json.loads((tmp_path / "run" / "evaluate" / "results.json").read_text())
     dpo, gguf = results["dpo"], results["gguf"]
