@@ -210,7 +210,7 @@ def run_evaluate(ctx: Any) -> Any:
 
         write_text(folder / "report.md", report + "\n")
     evaluation |= {"report": report, "artifacts": {name: r["saved"] for name, r in rows.items()}}
-    print(f"[{ctx.stage.name}] side by side:\n{report}")
+    print(f"[{ctx.stage.name}] side-by-side table: {folder / 'report.md'}")
     return StageOutcome(final=folder, eval=evaluation, details={"report": str(folder / "report.md")})
 
 

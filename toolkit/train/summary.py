@@ -17,7 +17,7 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
         "(lower is better); perplexity: on held-out text"
     )
     # A side-by-side report (an `evaluate` stage) is printed whole, last.
-    evaluated = [r for r in results if r.eval and "report" not in r.eval]
+    evaluated = [r for r in results if r.eval and ("tasks" in r.eval or "perplexity" in r.eval)]
     reports = [r for r in results if r.eval and "report" in r.eval]
     if evaluated:
         tasks = sorted({t for r in evaluated for t in r.eval.get("tasks", {}).get("per_task", {})})
@@ -48,8 +48,14 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
                         lines.append(f"     {name:>{width}}: {answers[i]['prediction'][:70]!r}")
             lines.append("")
     lines += _rewards(RunFolder(run_dir), results)
-    for r in evaluated:
-        measures = r.eval.get("verification")
+    for r in results:
+        if r.eval and r.eval.get("vllm"):
+            lines += [
+                f"{r.name}: {r.eval['vllm']} ({r.eval.get('form')}) verified in "
+                f"{', '.join(r.eval.get('verified_in') or ['nothing'])}; serve it: toolkit serve {r.eval['vllm']}",
+                "",
+            ]
+        measures = (r.eval or {}).get("verification")
         if measures:
             lines.append(
                 f"{r.name}: {r.eval['gguf']} verified in llama.cpp against transformers: mean KL "
