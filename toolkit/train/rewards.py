@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from toolkit.data.tasks import score
+from toolkit.data.tasks import normalise, score
 from toolkit.errors import nearest
 from toolkit.schema import Problems
 from toolkit.stages import StageContext, resolve
@@ -42,6 +42,24 @@ def completion_text(completion: Any) -> str:
 def exact_answer(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
     """1.0 when the completion gives the row's `answer` by the rule that built the checkable tasks."""
     return [float(score(completion_text(c), a)) for c, a in zip(completions, answer, strict=True)]
+
+
+def close_answer(completions: list[Any], answer: list[str], **_: Any) -> list[float]:
+    """Partial credit: how close the completion's first line is to the row's `answer`, 0.0 to 1.0, as
+    difflib's similarity ratio of the normalised strings (1.0 exactly when `exact_answer` gives 1.0 for a plain
+    answer). A group of answers that are all wrong, the usual case on hard prompts, still differs in how
+    nearly right each is, so GRPO gets a signal where exact answers alone give every answer the same reward."""
+    from difflib import SequenceMatcher
+
+    rewards = []
+    for completion, right in zip(completions, answer, strict=True):
+        text = completion_text(completion)
+        if score(text, right):
+            rewards.append(1.0)
+            continue
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        rewards.append(SequenceMatcher(None, normalise(first), normalise(right)).ratio())
+    return rewards
 
 
 def answer_format(completions: list[Any], **_: Any) -> list[float]:
@@ -62,6 +80,7 @@ answer_format.__name__ = "format"
 BUILTINS: dict[str, tuple[Callable[..., list[float]], tuple[str, ...]]] = {
     # name -> (function, dataset columns it needs)
     "exact_answer": (exact_answer, ("answer",)),
+    "close_answer": (close_answer, ("answer",)),
     "format": (answer_format, ()),
     "length": (length, ()),
 }
