@@ -44,7 +44,9 @@ def timed_eval(src: Path, tasks: str, limit: int, work: Path) -> tuple[float, di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--src", type=Path, default=None, help="HF model folder (default: decoder-125m, random)")
+    parser.add_argument(
+        "--src", type=Path, default=None, help="HF model folder (default: decoder-125m, random)"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-eval")
     parser.add_argument("--tasks", default="forge_heldout,forge_heldout_choice")
     parser.add_argument("--limit", type=int, default=100, help="documents per task")
@@ -53,7 +55,9 @@ def main() -> None:
     src = (args.src or build_checkpoint(args.work)[0]).resolve()
     gguf, vllm_dir = args.work / "model-q8_0.gguf", args.work / "vllm"
     if not gguf.exists():
-        subprocess.run([TOOLKIT, "export", "gguf", str(src), "--quant", "q8_0", "--out", str(gguf)], check=True)
+        subprocess.run(
+            [TOOLKIT, "export", "gguf", str(src), "--quant", "q8_0", "--out", str(gguf)], check=True
+        )
     sys.path.insert(0, str(ROOT))
     from export.verify_vllm import vllm_executable
 
@@ -61,7 +65,17 @@ def main() -> None:
     if vllm_executable() is not None:
         if not (vllm_dir / "config.json").exists():
             subprocess.run(
-                [TOOLKIT, "export", "vllm", str(src), "--out", str(vllm_dir), "--force", "--verify-in", "clean"],
+                [
+                    TOOLKIT,
+                    "export",
+                    "vllm",
+                    str(src),
+                    "--out",
+                    str(vllm_dir),
+                    "--force",
+                    "--verify-in",
+                    "clean",
+                ],
                 check=True,
             )
         artifacts.append(("vLLM folder (vllm serve)", vllm_dir))
