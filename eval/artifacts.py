@@ -59,9 +59,13 @@ class Artifact:
 
     def load(self) -> tuple[Any, Any]:
         """(model, tokenizer) of an hf or hub artifact, in transformers; sets `dtype` from the model."""
+        import torch
+
         from eval.stages import load_model_folder
 
         model, tokenizer = load_model_folder(self.path)
+        if torch.cuda.is_available():  # lm-eval, generation and perplexity run where the model is
+            model = model.to("cuda")
         self.dtype = str(model.dtype).removeprefix("torch.")
         return model, tokenizer
 
