@@ -104,9 +104,8 @@ class EvaluateOptions:
     """An evaluate stage's `evaluate:` section."""
 
     models: list[str] = field(default_factory=list)  # stage names, folders, GGUF files or Hub ids
-    tasks: list[str] = field(
-        default_factory=list
-    )  # lm-eval task names (the toolkit's own or any lm-eval knows)
+    # lm-eval task names: the toolkit's own (eval/tasks/) or any lm-eval knows
+    tasks: list[str] = field(default_factory=list)
     include_path: list[str] = field(default_factory=list)  # folders of lm-eval task YAMLs
     limit: int | None = None  # documents per task
     chat_template: bool = False
