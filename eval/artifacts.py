@@ -118,9 +118,10 @@ def resolve(src: str) -> Artifact:
         else:
             folder, _ = model_folder_of(path)
         if is_vllm_export(folder) or folder == path / "merged":
-            from export.verify_vllm import vllm_executable
+            from export.verify_vllm import DISABLED, PYTHON_ENV, vllm_executable
 
-            if vllm_executable() is not None:
+            # FORGE_VLLM_PYTHON=none: no vLLM for this process (the tests outside `vllm`-marked ones)
+            if os.environ.get(PYTHON_ENV) != DISABLED and vllm_executable() is not None:
                 return Artifact(src, "vllm", str(folder.resolve()), path / "eval")
         return Artifact(src, "hf", str(folder.resolve()), path / "eval")
     if HUB_ID.match(src):

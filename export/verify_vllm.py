@@ -62,9 +62,7 @@ def vllm_python() -> Path | None:
 
 
 def vllm_executable() -> Path | None:
-    """The `vllm` command: on PATH, else beside the vLLM environment's Python (none when turned off)."""
-    if os.environ.get(PYTHON_ENV) == DISABLED:
-        return None
+    """The `vllm` command: on PATH, else beside the vLLM environment's Python."""
     on_path = shutil.which("vllm")
     if on_path:
         return Path(on_path)
