@@ -37,14 +37,10 @@ def logits(model, ids):
         return model(input_ids=torch.tensor([ids])).logits[0]
 
 
-def test_the_tiny_twin_end_to_end(tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+def run_twin(tmp_path: Path, *extra: str) -> tuple[Path, subprocess.CompletedProcess]:
+    """`toolkit train recipes/aletheia-tiny.yaml`, cut to a few steps, into tmp_path/run."""
     from tests.toolkit.train.test_runner import head
-    from toolkit.models import register_auto_classes
 
-    register_auto_classes()
     corpus = head("data/corpus/train.jsonl", 200, tmp_path / "corpus.jsonl")
     valid = head("data/corpus/valid.jsonl", 4, tmp_path / "valid.jsonl")
     run = tmp_path / "run"
@@ -65,12 +61,23 @@ def test_the_tiny_twin_end_to_end(tmp_path):
         "stages.evaluate.evaluate.win_rate.max_new_tokens=8",
     ]
     done = subprocess.run(
-        [str(BIN / "toolkit"), "train", "recipes/aletheia-tiny.yaml", *overrides],
+        [str(BIN / "toolkit"), "train", "recipes/aletheia-tiny.yaml", *overrides, *extra],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=1800,
     )
+    return run, done
+
+
+def test_the_tiny_twin_end_to_end(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.models import register_auto_classes
+
+    register_auto_classes()
+    run, done = run_twin(tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
 
     # LoRA SFT -> merged -> LoRA DPO whose base is that merge -> merged again into the vLLM folder.
@@ -106,3 +113,23 @@ def test_the_tiny_twin_end_to_end(tmp_path):
         "| aletheia-tiny | aletheia-tiny.yaml | tokenizer → pretrain → sft → dpo → export → evaluate |"
         in (log.stdout)
     )
+
+
+QLORA = "{load_in_4bit: true, bnb_4bit_quant_type: nf4, bnb_4bit_compute_dtype: bfloat16}"
+
+
+@pytest.mark.gpu
+def test_the_twin_with_qlora_merges_into_full_precision(tmp_path):
+    """As the 7B recipe runs: SFT and DPO adapters trained on a 4-bit base (bitsandbytes), each merge made
+    into the full-precision weights (sft/merged, vllm/merged carry no quantization_config)."""
+    run, done = run_twin(
+        tmp_path,
+        f"stages.sft.model.quantization={QLORA}",
+        f"stages.dpo.model.quantization={QLORA}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for merged in (run / "sft" / "merged", run / "vllm" / "merged"):
+        config = json.loads((merged / "config.json").read_text())
+        assert "quantization_config" not in config and config.get("dtype", "float32") == "float32"
+    report = json.loads((run / "vllm" / "export_report.json").read_text())
+    assert report["ok"] and report["lora"]["merge_drift_max_abs"] < 1e-3
