@@ -217,15 +217,15 @@ def analyse(
 
     model.eval()
     answers: list[str] = []
+    answer_ids: list[list[int]] = []
 
     def generate() -> int:
         answers.extend(generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens))
-        return sum(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+        answer_ids.extend(tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers)
+        return sum(map(len, answer_ids))
 
     speed = tokens_per_second(generate)
-    tokens = [
-        tokenizer.convert_ids_to_tokens(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers
-    ]
+    tokens = [tokenizer.convert_ids_to_tokens(ids) for ids in answer_ids]
     entropy = attention_entropy(model, tokenizer, texts)
     context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
     ids = tokenizer(texts[0], return_tensors="pt", truncation=True, max_length=min(context or 256, 256))
