@@ -52,9 +52,18 @@ SEEDS = {
     "facts": 7,
     "tools": 8,
     "perspectives": 9,
+    "unpaired": 10,
     "eval": 1000,
 }
-SIZES = {"sft": 3000, "preference": 1500, "rl": 500, "alpaca": 20, "sharegpt": 25, "eval": 300}
+SIZES = {
+    "sft": 3000,
+    "preference": 1500,
+    "unpaired": 1000,
+    "rl": 500,
+    "alpaca": 20,
+    "sharegpt": 25,
+    "eval": 300,
+}
 
 # package -> (version, sha256 of the .deb). Another version still builds, with a slightly different corpus.
 SOURCES = {
@@ -121,6 +130,23 @@ def build_task_files() -> list[dict]:
         ],
     )
 
+    # Unpaired (KTO): each prompt has one answer, right or wrong with equal chance, and a label saying which.
+    unpaired = tasks.make_examples(SIZES["unpaired"], SEEDS["unpaired"])
+    labels = random.Random(SEEDS["unpaired"])
+    unpaired_rows = []
+    for r in unpaired:
+        good = labels.random() < 0.5
+        answer = r["answer"] if good else tasks.wrong_answer(r, labels)
+        unpaired_rows.append(
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "completion": [{"role": "assistant", "content": answer}],
+                "label": good,
+                "task": r["task"],
+            }
+        )
+    write_jsonl(DATA / "preference" / "unpaired.jsonl", unpaired_rows)
+
     rl = tasks.make_examples(SIZES["rl"], SEEDS["rl"])
     write_jsonl(
         DATA / "rl" / "prompts.jsonl",
@@ -131,7 +157,7 @@ def build_task_files() -> list[dict]:
     )
 
     facts = corpus_fact_rows()
-    train = sft + alpaca + sharegpt + preference + rl + facts
+    train = sft + alpaca + sharegpt + preference + unpaired + rl + facts
     heldout = tasks.make_examples(SIZES["eval"], SEEDS["eval"], split="heldout")
     # Disjoint by construction (held-out problems are never drawn for training); checked here all the same,
     # on the exact prompts and on the problems behind them.

@@ -370,7 +370,7 @@ def check_inputs(recipe: Recipe, problems: Problems) -> None:
     """Report every input a recipe names that is not there, as far as that can be told without the
     network: data files, the files a section names, model and tokenizer folders (a Hub id is checked when it
     loads); then each stage kind's own preflight (e.g. that reward functions import and answer)."""
-    from toolkit.data.loading import local_path_problem
+    from toolkit.data.loading import DataSource, local_path_problem, preview_problems
 
     stages = {s.name: s for s in recipe.stages}
     hooks = section_hooks()
@@ -382,6 +382,15 @@ def check_inputs(recipe: Recipe, problems: Problems) -> None:
                 path = entry.get("path") if isinstance(entry, dict) else None
                 if isinstance(path, str) and (problem := local_path_problem(path)):
                     problems.add(f"{at}.data.{key}[{i}]: {path}: {problem}")
+                elif isinstance(path, str) and kind.data_kind and stage.data.get("sources"):
+                    # The first rows, as the stage's method reads them: a KTO stage given preference pairs
+                    # fails here, not after the stages before it have trained.
+                    try:
+                        source = DataSource.from_dict(dict(entry), where=f"{at}.data.{key}[{i}]")
+                    except Exception:  # reported by the data section's own checks
+                        continue
+                    for problem in preview_problems(source, kind.data_kind)[:3]:
+                        problems.add(f"{at}.data.{key}[{i}]: {problem}")
         sections = [("eval", stage.eval, hooks["eval"].schema if "eval" in hooks else None)]
         sections.append((kind.section, stage.options, kind.schema))
         for section, values, schema in sections:

@@ -54,6 +54,8 @@ class TrainerSpec:
     config_values: str | None = None
     # "module:function" (StageContext, model, tokenizer, peft_config) -> extra trainer keyword arguments
     extras: str | None = None
+    # The model it trains: "causal_lm", or "sequence_classification" (a score head with one label: reward models).
+    model_class: str = "causal_lm"
     # Logged measures of the method to plot beside loss, learning rate and grad norm, one figure per group.
     plots: tuple[tuple[str, ...], ...] = ()
 

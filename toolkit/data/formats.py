@@ -4,7 +4,8 @@ A *kind* is the row shape a trainer takes (TRL's dataset formats):
 
     text        {"text": str}                                            pretraining (language modeling)
     messages    {"messages": [{"role", "content"}, ...]}                 SFT (conversational)
-    preference  {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]} DPO (conversational preference)
+    preference  {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]} DPO, ORPO, CPO, reward models
+    unpaired    {"prompt": [msgs], "completion": [msgs], "label": bool}  KTO (one answer, good or bad)
     prompt      {"prompt": [msgs], **extra columns}                      GRPO / RL (reward functions read the extras)
 
 An *input format* is a row shape found in the wild. Each feeds exactly one kind (`FORMATS` below):
@@ -14,6 +15,7 @@ An *input format* is a row shape found in the wild. Each feeds exactly one kind 
     sharegpt    {"conversations": [{"from": human|gpt|system|user|assistant, "value"}]}    -> messages
     messages    {"messages": [{"role": system|user|assistant, "content"}]}                 -> messages
     preference  {"prompt", "chosen", "rejected"}, each a string or a message list          -> preference
+    unpaired    {"prompt", "completion", "label": true|false}                              -> unpaired
     prompt      {"prompt": string or message list, ...extra columns kept}                  -> prompt
 
 Conversations never feed `text`: turning one into plain text needs the model's chat template, which the trainer
@@ -36,7 +38,7 @@ from typing import Any
 
 from toolkit.errors import nearest
 
-KINDS = ("text", "messages", "preference", "prompt")
+KINDS = ("text", "messages", "preference", "unpaired", "prompt")
 ROLES = ("system", "user", "assistant")
 
 # ShareGPT speaker names -> chat roles. Datasets in the wild mix the original names with the chat ones.
@@ -172,7 +174,7 @@ def _prompt_messages(row: Mapping, problems: Problems) -> list[Message] | None:
 
 
 def _completion(row: Mapping, key: str, problems: Problems) -> list[Message] | None:
-    """`chosen`/`rejected`: a string is one assistant message; a list holds assistant messages only."""
+    """`chosen`/`rejected`/`completion`: a string is one assistant message; a list holds assistant messages only."""
     value = row.get(key)
     if isinstance(value, str) or value is None:
         text = _string(row, key, problems)
@@ -237,6 +239,20 @@ def _from_preference(row: Mapping, problems: Problems) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def _from_unpaired(row: Mapping, problems: Problems) -> dict:
+    label = row.get("label")
+    if label is None:
+        problems.append("missing 'label'")
+    elif not isinstance(label, bool):
+        problems.append(f"'label' is {json_type(label)}; expected true (a good answer) or false (a bad one)")
+        label = None
+    return {
+        "prompt": _prompt_messages(row, problems),
+        "completion": _completion(row, "completion", problems),
+        "label": label,
+    }
+
+
 def _from_prompt(row: Mapping, problems: Problems) -> dict:
     return {"prompt": _prompt_messages(row, problems), **{k: v for k, v in row.items() if k != "prompt"}}
 
@@ -249,9 +265,10 @@ class InputFormat:
     keeps_extra_columns: bool = False  # RL rows carry answers etc. to the reward functions
 
 
-# Auto-detection tries these in order: preference before prompt, since preference rows also have a prompt.
+# Auto-detection tries these in order: preference and unpaired before prompt, since their rows also have a prompt.
 FORMATS: dict[str, InputFormat] = {
     "preference": InputFormat("preference", ("chosen", "rejected"), _from_preference),
+    "unpaired": InputFormat("unpaired", ("completion", "label"), _from_unpaired),
     "sharegpt": InputFormat("messages", ("conversations",), _from_sharegpt),
     "messages": InputFormat("messages", ("messages",), _from_messages),
     "alpaca": InputFormat("messages", ("instruction",), _from_alpaca),

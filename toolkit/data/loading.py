@@ -56,6 +56,7 @@ KIND_FEATURES: dict[str, Features | None] = {
     "text": Features({"text": Value("string")}),
     "messages": Features({"messages": _MESSAGES}),
     "preference": Features({"prompt": _MESSAGES, "chosen": _MESSAGES, "rejected": _MESSAGES}),
+    "unpaired": Features({"prompt": _MESSAGES, "completion": _MESSAGES, "label": Value("bool")}),
     "prompt": None,
 }
 
@@ -69,7 +70,7 @@ class DataSource:
     """One entry of a recipe's `data.sources` list."""
 
     path: str  # local file (jsonl/json/csv/txt/parquet), local dataset folder, or Hub dataset id
-    format: str = "auto"  # auto | text | alpaca | sharegpt | messages | preference | prompt
+    format: str = "auto"  # auto | text | alpaca | sharegpt | messages | preference | unpaired | prompt
     weight: float = 1.0  # relative share in a mixture: 2.0 gives twice the rows of a 1.0 source
     split: str = "train"  # for folders and Hub datasets; a single file is one split
     name: str | None = None  # Hub dataset config
@@ -464,6 +465,20 @@ def check_file(path: str, format: str = "auto", kind: str | None = None) -> list
     except DataError as exc:
         problems.append(str(exc))
     return problems
+
+
+def preview_problems(source: DataSource, kind: str, rows: int = 8) -> list[str]:
+    """The problems of a local source's first `rows` rows as `kind` (that its format feeds the kind, that the
+    rows parse): what a recipe check can tell in milliseconds, before any stage runs. Hub datasets and
+    folders are left to the stage (reading them may take the network and minutes)."""
+    if not Path(source.path).expanduser().is_file():
+        return []
+    try:
+        reader, _ = open_source(source)
+        found = itertools.islice(_scan(source, kind, reader), rows)
+        return [f"{where}: {p}" for where, _row, row_problems in found for p in row_problems]
+    except DataError as exc:
+        return [str(exc)]
 
 
 def iter_texts(path: str) -> Iterator[str]:

@@ -42,6 +42,11 @@ class Architecture:
     base_model: str | type
     causal_lm: str | type
     description: str
+    # The score-head model (reward models, classifiers), registered with AutoModelForSequenceClassification.
+    sequence_classification: str | type | None = None
+    # The linear layers inside its blocks, by module name: a LoRA adapter's default targets (PEFT knows
+    # Hub architectures by model type, not ours). The LM head stays out, as PEFT's "all-linear" leaves it.
+    adapter_targets: tuple[str, ...] = ()
     # Module whose import registers the architecture's export plan (toolkit/models/plans.py), if any.
     plan_module: str | None = None
 
@@ -88,7 +93,8 @@ def register_architecture(arch: Architecture, presets: list[Preset]) -> None:
 
 
 def register_auto_classes() -> None:
-    """Register every architecture with `AutoConfig`, `AutoModel` and `AutoModelForCausalLM` (imports torch,
+    """Register every architecture with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` and (where it has
+    one) `AutoModelForSequenceClassification` (imports torch,
     transformers' modelling code and ours; a no-op for those already registered)."""
     with _lock:
         pending = [
@@ -96,12 +102,21 @@ def register_auto_classes() -> None:
         ]
         if not pending:
             return
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+        )
 
         for arch in pending:
             AutoConfig.register(arch.name, arch.config_class, exist_ok=True)
             AutoModel.register(arch.config_class, arch.base_model_class, exist_ok=True)
             AutoModelForCausalLM.register(arch.config_class, arch.causal_lm_class, exist_ok=True)
+            if arch.sequence_classification is not None:
+                AutoModelForSequenceClassification.register(
+                    arch.config_class, import_path(arch.sequence_classification), exist_ok=True
+                )
             _registered.add(arch.name)
 
 

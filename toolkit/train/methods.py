@@ -70,6 +70,61 @@ def reference_model(ctx: StageContext, model: Any, tokenizer: Any, peft_config: 
     return {"ref_model": load_model(ctx.stage, ctx.run_folder.path, tokenizer)}
 
 
+def teacher_model(ctx: StageContext, model: Any, tokenizer: Any, peft_config: Any) -> dict[str, Any]:
+    """The `teacher:` section's model, loaded here (TRL would resolve a path through a top-level transformers
+    class, which cannot load a custom architecture). Distillation compares next-token distributions, so the
+    teacher must share the student's vocabulary: a mismatch is an error naming both sizes."""
+    from toolkit.errors import ToolkitError
+    from toolkit.train.trainer_stage import load_pretrained, resolve_model_path
+
+    teacher = ctx.stage.options or {}
+    source = resolve_model_path(ctx.stage, ctx.run_folder.path, teacher)
+    loaded = load_pretrained(source, teacher, f"stages.{ctx.stage.name}.teacher")
+    student_rows = model.get_input_embeddings().num_embeddings
+    teacher_rows = loaded.get_input_embeddings().num_embeddings
+    if len(tokenizer) > teacher_rows or student_rows != teacher_rows:
+        raise ToolkitError(
+            f"stages.{ctx.stage.name}.teacher: {source} has {teacher_rows} embedding rows, the student "
+            f"{student_rows} (tokenizer: {len(tokenizer)} tokens); distillation needs one vocabulary"
+        )
+    return {"teacher_model": loaded.eval()}
+
+
+@dataclass
+class TeacherOptions:
+    """A distill stage's `teacher:` section: the model whose next-token distributions the student learns."""
+
+    path: str | None = None  # a local folder or a Hub id
+    stage: str | None = None  # or an earlier stage of this recipe (its final/)
+    dtype: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+def teacher_preflight(stage: Any, at: str, problems: Any, recipe: Any = None) -> None:
+    """The teacher names exactly one of `path` and `stage`, and a named stage comes earlier and makes a model."""
+    from toolkit.stages import get_stage
+
+    teacher = stage.options or {}
+    if bool(teacher.get("path")) == bool(teacher.get("stage")):
+        problems.add(f"{at}.teacher: give one of 'path' (a folder or Hub id) or 'stage' (an earlier stage)")
+        return
+    name = teacher.get("stage")
+    if teacher.get("path"):
+        from toolkit.data.loading import local_path_problem
+
+        if problem := local_path_problem(str(teacher["path"]), folder=True):
+            problems.add(f"{at}.teacher.path: {teacher['path']}: {problem}")
+    if name and recipe is not None:
+        earlier = [s.name for s in recipe.stages[: [s.name for s in recipe.stages].index(stage.name)]]
+        if name not in earlier:
+            problems.add(
+                f"{at}.teacher.stage: '{name}' is no earlier stage (earlier: {', '.join(earlier) or 'none'})"
+            )
+        elif not get_stage(next(s for s in recipe.stages if s.name == name).method).produces_model:
+            problems.add(f"{at}.teacher.stage: stage '{name}' makes no model")
+
+
 def _training(method: str, description: str, data_kind: str, trainer: TrainerSpec, **kind: Any) -> StageKind:
     return StageKind(
         method,
@@ -153,3 +208,71 @@ for _method, _config, _trainer, _about in (
             preflight="toolkit.train.rewards:preflight",
         )
     )
+register_stage(
+    _training(
+        "kto",
+        "Kahneman-Tversky optimisation on unpaired answers, each labelled good or bad",
+        "unpaired",
+        TrainerSpec(
+            "trl:KTOConfig",
+            "trl:KTOTrainer",
+            ("prompt", "completion", "label"),
+            extras="toolkit.train.methods:reference_model",
+            plots=(("rewards/margins",), ("rewards/chosen", "rewards/rejected"), ("kl",)),
+        ),
+    )
+)
+# ORPO and CPO need no reference model; TRL keeps them under trl.experimental (importing them warns).
+for _method, _module, _name, _about in (
+    (
+        "orpo",
+        "trl.experimental.orpo",
+        "ORPO",
+        "odds-ratio preference optimisation: SFT and preference in one loss",
+    ),
+    ("cpo", "trl.experimental.cpo", "CPO", "contrastive preference optimisation (no reference model)"),
+):
+    register_stage(
+        _training(
+            _method,
+            _about,
+            "preference",
+            TrainerSpec(
+                f"{_module}:{_name}Config",
+                f"{_module}:{_name}Trainer",
+                ("prompt", "chosen", "rejected"),
+                plots=(("rewards/margins",), ("rewards/accuracies",), ("rewards/chosen", "rewards/rejected")),
+            ),
+        )
+    )
+register_stage(
+    _training(
+        "reward",
+        "a reward model: a score head trained to rank chosen above rejected (a GRPO reward: {model: PATH})",
+        "preference",
+        TrainerSpec(
+            "trl:RewardConfig",
+            "trl:RewardTrainer",
+            ("prompt", "chosen", "rejected"),
+            model_class="sequence_classification",
+            plots=(("accuracy",), ("margin",), ("min_reward", "mean_reward", "max_reward")),
+        ),
+    )
+)
+register_stage(
+    _training(
+        "distill",
+        "on-policy distillation: the student matches a teacher's next-token distributions on its own answers",
+        "prompt",
+        TrainerSpec(
+            "trl:DistillationConfig",
+            "trl:DistillationTrainer",
+            ("prompt",),
+            extras="toolkit.train.methods:teacher_model",
+            plots=(("completions/mean_length",),),
+        ),
+        section="teacher",
+        schema=TeacherOptions,
+        preflight=teacher_preflight,
+    )
+)

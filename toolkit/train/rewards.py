@@ -4,10 +4,12 @@
       - {builtin: exact_answer}                       # 1 when the answer checks (toolkit.data.tasks.score)
       - {builtin: format, weight: 0.25}               # 1 when the answer is one line and nothing else
       - {function: my_rewards:brevity, weight: 0.5}   # any importable function
+      - {model: reward}                               # a reward model: an earlier `reward` stage, or a folder
 
 A function is called the way TRL calls it: `fn(prompts=..., completions=..., completion_ids=..., **columns)`,
 every dataset column (`answer`, `task`, ...) as a keyword argument holding one value per completion, and
-returns one float (or None) per completion. The weights go to TRL's `reward_weights`. Prefer weights that are
+returns one float (or None) per completion. A reward model (a score head with one label, as a `reward` stage
+trains it) scores the prompt and completion as one conversation through its own tokenizer; TRL runs it. The weights go to TRL's `reward_weights`. Prefer weights that are
 exact in binary (1, 0.5, 0.25, ...): TRL counts a group as having no reward variance (`frac_reward_zero_std`)
 when the float32 std of its weighted sums is within 1e-8 of 0, and eight equal sums of 1 + 0.2 give a std of
 1.3e-7, so with a weight of 0.2 no group ever counts and the measure reads 0% whatever happens.
@@ -84,11 +86,12 @@ BUILTINS: dict[str, tuple[Callable[..., list[float]], tuple[str, ...]]] = {
     "format": (answer_format, ()),
     "length": (length, ()),
 }
-REWARD_KEYS = {"builtin", "function", "weight", "name"}
+REWARD_KEYS = {"builtin", "function", "model", "weight", "name"}
 
 
 def parse_rewards(raw: Any, at: str, problems: Problems) -> list[dict[str, Any]]:
-    """The `rewards:` section: a non-empty list of {builtin: NAME} or {function: "module:function"}, each with an
+    """The `rewards:` section: a non-empty list of {builtin: NAME}, {function: "module:function"} or
+    {model: STAGE|PATH}, each with an
     optional weight (default 1.0) and name. Entries keep their places (problems name `rewards[i]`)."""
     if not isinstance(raw, list) or not raw:
         problems.add(f"{at}: list the reward functions, e.g. [{{builtin: exact_answer}}]")
@@ -98,9 +101,14 @@ def parse_rewards(raw: Any, at: str, problems: Problems) -> list[dict[str, Any]]
 
 def _entry_problem(entry: dict[str, Any], where: str) -> str | None:
     """What is wrong with what a reward entry names (None when it names one built-in or one function)."""
-    kinds = [k for k in ("builtin", "function") if k in entry]
+    kinds = [k for k in ("builtin", "function", "model") if k in entry]
     if len(kinds) != 1:
-        return f"{where}: give one of 'builtin' ({', '.join(BUILTINS)}) or 'function' (module:function)"
+        return (
+            f"{where}: give one of 'builtin' ({', '.join(BUILTINS)}), 'function' (module:function) or "
+            "'model' (a reward stage or folder)"
+        )
+    if "model" in entry and (not isinstance(entry["model"], str) or not entry["model"]):
+        return f"{where}.model: give a stage name or a folder, got {entry['model']!r}"
     if "builtin" in entry and entry["builtin"] not in BUILTINS:
         guess = nearest(str(entry["builtin"]), BUILTINS)
         hint = f" (did you mean '{guess}'?)" if guess else ""
@@ -144,8 +152,41 @@ def config_values(ctx: StageContext, tokenizer: Any) -> dict[str, Any]:
     return {"reward_weights": [entry["weight"] for entry in ctx.stage.options or []]}
 
 
+def reward_model_path(value: str, run_dir: Any, recipe: Any = None) -> str:
+    """A `model:` reward: an earlier stage of the run (its final/), else a folder or Hub id as given."""
+    from pathlib import Path
+
+    stages = [s.name for s in recipe.stages] if recipe is not None else []
+    if value in stages or (run_dir is not None and (Path(run_dir) / value / "final").is_dir()):
+        return str(Path(run_dir) / value / "final")
+    return value
+
+
 def trainer_rewards(ctx: StageContext, model: Any, tokenizer: Any, peft_config: Any) -> dict[str, Any]:
-    return {"reward_funcs": [reward_function(entry) for entry in ctx.stage.options or []]}
+    """TRL's `reward_funcs`, and `reward_processing_classes` when a reward model is among them: each model
+    is loaded here (safetensors only, through the registered Auto classes, so our architectures load) with
+    its own tokenizer, and logs under its entry's name (TRL names a model reward after its folder)."""
+    from transformers import AutoTokenizer
+
+    from toolkit.train.trainer_stage import load_pretrained
+
+    funcs: list[Any] = []
+    tokenizers: list[Any] = []
+    for i, entry in enumerate(ctx.stage.options or []):
+        if "model" not in entry:
+            funcs.append(reward_function(entry))
+            tokenizers.append(None)
+            continue
+        path = reward_model_path(entry["model"], ctx.run_folder.path, ctx.recipe)
+        where = f"stages.{ctx.stage.name}.rewards[{i}].model"
+        scorer = load_pretrained(path, {}, where, "sequence_classification").eval()
+        scorer.config._name_or_path = entry.get("name") or entry["model"].rstrip("/").rpartition("/")[2]
+        funcs.append(scorer)
+        tokenizers.append(AutoTokenizer.from_pretrained(path))
+    extras: dict[str, Any] = {"reward_funcs": funcs}
+    if any(t is not None for t in tokenizers):
+        extras["reward_processing_classes"] = tokenizers
+    return extras
 
 
 def _first_rows(stage: Any, count: int = 2) -> tuple[list[dict[str, Any]], str] | None:
@@ -181,6 +222,9 @@ def preflight(stage: Any, at: str, problems: Problems, recipe: Any = None) -> No
         where = f"{at}.rewards[{i}]"
         if _entry_problem(entry, where):  # reported when the section was parsed
             continue
+        if "model" in entry:
+            _model_problem(entry["model"], stage, where, problems, recipe)
+            continue
         if "builtin" in entry:
             missing = [c for c in BUILTINS[entry["builtin"]][1] if c not in columns]
             if missing:
@@ -198,6 +242,32 @@ def preflight(stage: Any, at: str, problems: Problems, recipe: Any = None) -> No
         problem = _call_problem(fn, rows)
         if problem:
             problems.add(f"{where}: reward '{fn.__name__}' {problem}")
+
+
+def _model_problem(value: str, stage: Any, where: str, problems: Problems, recipe: Any) -> None:
+    """A model reward names an earlier `reward` stage, or a folder holding a model."""
+    from pathlib import Path
+
+    if recipe is not None and value in [s.name for s in recipe.stages]:
+        names = [s.name for s in recipe.stages]
+        earlier = recipe.stages[names.index(value)]
+        if names.index(value) > names.index(stage.name):
+            problems.add(
+                f"{where}.model: stage '{value}' runs after '{stage.name}'; a reward model comes first"
+            )
+        elif earlier.method != "reward":
+            problems.add(
+                f"{where}.model: stage '{value}' is a {earlier.method} stage; a reward model comes from a "
+                "`method: reward` stage"
+            )
+        return
+    folder = Path(value)
+    if folder.exists() and not (folder / "config.json").exists():
+        problems.add(f"{where}.model: {value} holds no config.json; expected a reward model's folder")
+    elif not folder.exists() and (value.startswith((".", "/")) or value.count("/") > 1):
+        problems.add(
+            f"{where}.model: {value} does not exist (a stage name of this recipe, a folder, or a Hub id)"
+        )
 
 
 def _call_problem(fn: Callable[..., Any], rows: list[dict[str, Any]]) -> str | None:

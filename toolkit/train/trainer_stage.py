@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from toolkit.data.tokenizer import end_of_turn_ids
 from toolkit.errors import RecipeError, ToolkitError
@@ -56,16 +62,19 @@ def device_defaults(fields: set[str], train: dict[str, Any]) -> dict[str, Any]:
     return defaults
 
 
-def resolve_model_path(stage: Stage, run_dir: Path) -> str:
-    """Where a stage's starting weights come from: an earlier stage's `final/`, a local folder or a Hub id.
+def resolve_model_path(stage: Stage, run_dir: Path, spec: dict[str, Any] | None = None) -> str:
+    """Where a stage's starting weights come from (or, given `spec`, another model section's such as a
+    teacher's): an earlier stage's `final/` (`from` or `stage`), a local folder or a Hub id (`path`).
     An earlier stage that trained a LoRA adapter hands on its adapter merged into its base (`merged_adapter`),
     so that the stage trains (and names as its own adapter's base) the model that stage ended with."""
-    if "from" in stage.model:
-        final = run_dir / stage.model["from"] / "final"
+    spec = stage.model if spec is None else spec
+    earlier = spec.get("from") or spec.get("stage")
+    if earlier:
+        final = run_dir / earlier / "final"
         if (final / "adapter_config.json").exists():
             return str(merged_adapter(final))
         return str(final)
-    return str(stage.model["path"])
+    return str(spec["path"])
 
 
 def merged_adapter(adapter: Path) -> Path:
@@ -135,8 +144,43 @@ def vocab_rows(stage: Stage, tokenizer: PreTrainedTokenizerBase) -> int:
     return -(-len(tokenizer) // multiple) * multiple
 
 
-def load_model(stage: Stage, run_dir: Path, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A fresh model from a preset (sized to the tokenizer), or pretrained weights (safetensors only)."""
+# TrainerSpec.model_class -> the Auto class that builds it, and what it needs besides the config.
+MODEL_CLASSES: dict[str, tuple[type, dict[str, Any]]] = {
+    "causal_lm": (AutoModelForCausalLM, {}),
+    # One score per sequence: what TRL's RewardTrainer and GRPO's model rewards read.
+    "sequence_classification": (AutoModelForSequenceClassification, {"num_labels": 1}),
+}
+
+
+def load_pretrained(
+    source: str, spec: dict[str, Any], where: str, model_class: str = "causal_lm"
+) -> PreTrainedModel:
+    """Pretrained weights from a folder or Hub id, safetensors only, remote code only when `spec` asks for it."""
+    from toolkit.models import register_auto_classes
+
+    register_auto_classes()
+    auto, extra = MODEL_CLASSES[model_class]
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": bool(spec.get("trust_remote_code", False)),  # never run remote code unasked
+        "use_safetensors": True,  # no pickle: weights load from safetensors only
+        **extra,
+    }
+    for key in ("dtype", "attn_implementation", "revision", "quantization_config"):
+        if spec.get(key):
+            kwargs[key] = spec[key]
+    try:
+        return auto.from_pretrained(source, **kwargs)
+    except ImportError as error:  # bitsandbytes missing, or too old for this machine
+        raise ToolkitError(f"{where}.quantization: {error}") from None
+    except (OSError, ValueError) as error:
+        raise ToolkitError(f"{where}: cannot load '{source}': {error}") from None
+
+
+def load_model(
+    stage: Stage, run_dir: Path, tokenizer: PreTrainedTokenizerBase, model_class: str = "causal_lm"
+) -> PreTrainedModel:
+    """A fresh model from a preset (sized to the tokenizer), or pretrained weights (safetensors only), as
+    `model_class` (a causal LM, or a score head for reward models)."""
     from toolkit.models import build_config, register_auto_classes
 
     register_auto_classes()
@@ -152,23 +196,15 @@ def load_model(stage: Stage, run_dir: Path, tokenizer: PreTrainedTokenizerBase) 
         )
         if spec.get("attn_implementation"):
             config._attn_implementation = spec["attn_implementation"]
-        return AutoModelForCausalLM.from_config(config)
-    source = resolve_model_path(stage, run_dir)
-    kwargs: dict[str, Any] = {
-        "trust_remote_code": bool(spec.get("trust_remote_code", False)),  # never run remote code unasked
-        "use_safetensors": True,  # no pickle: weights load from safetensors only
-    }
-    for key in ("dtype", "attn_implementation", "revision"):
-        if spec.get(key):
-            kwargs[key] = spec[key]
+        auto, extra = MODEL_CLASSES[model_class]
+        for key, value in extra.items():
+            setattr(config, key, value)
+        return auto.from_config(config)
     if spec.get("quantization"):
-        kwargs["quantization_config"] = quantization_config(stage)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except ImportError as error:  # bitsandbytes (the gpu extra) missing, or too old for this machine
-        raise ToolkitError(f"stages.{stage.name}.model.quantization: {error}") from None
-    except (OSError, ValueError) as error:
-        raise ToolkitError(f"stages.{stage.name}.model: cannot load '{source}': {error}") from None
+        spec = {**spec, "quantization_config": quantization_config(stage)}
+    model = load_pretrained(
+        resolve_model_path(stage, run_dir), spec, f"stages.{stage.name}.model", model_class
+    )
     if spec.get("config"):
         raise RecipeError(f"stages.{stage.name}.model.config: config overrides apply only to a preset")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -261,7 +297,9 @@ def run(ctx: StageContext) -> StageOutcome:
     stage, kind, spec = ctx.stage, ctx.kind, ctx.kind.trainer
     run_dir = ctx.run_folder.path
     tokenizer = load_tokenizer(stage, run_dir)
-    model = load_model(stage, run_dir, tokenizer)
+    model = load_model(stage, run_dir, tokenizer, spec.model_class)
+    if model.config.pad_token_id is None:  # a score head reads the last token before the padding
+        model.config.pad_token_id = tokenizer.pad_token_id
     with distributed_state().main_process_first():  # one rank fills the datasets cache, the others read it
         train_data, eval_data = load_data(stage, kind.data_kind, spec, ctx.recipe.seed)
     args = trainer_args(ctx, tokenizer)

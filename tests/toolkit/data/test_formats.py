@@ -62,6 +62,11 @@ NORMALISED = [
         },
     ),
     (
+        "unpaired",
+        {"prompt": "2+2?", "completion": "5", "label": False, "task": "addition"},
+        {"prompt": [user("2+2?")], "completion": [assistant("5")], "label": False},
+    ),
+    (
         "prompt",
         {"prompt": "What is 6*7?", "answer": "42", "task": "arith"},
         {"prompt": [user("What is 6*7?")], "answer": "42", "task": "arith"},
@@ -87,6 +92,7 @@ def test_every_kind_is_fed_and_conversations_do_not_feed_text():
         "text": ["text"],
         "messages": ["sharegpt", "messages", "alpaca"],
         "preference": ["preference"],
+        "unpaired": ["unpaired"],
         "prompt": ["prompt"],
     }
 
@@ -165,6 +171,17 @@ PROBLEMS = [
         ["'prompt' holds only a system message; expected a user message after it"],
     ),
     ("prompt", {"answer": "4"}, ["missing 'prompt'"]),
+    (
+        "unpaired",
+        {"prompt": "2+2?", "completion": "4", "label": "yes"},
+        ["'label' is a string; expected true (a good answer) or false (a bad one)"],
+    ),
+    (
+        "unpaired",
+        {"prompt": "2+2?", "completion": [user("4")], "label": True},
+        ["completion[0] is a user message; 'completion' holds the assistant's answer only"],
+    ),
+    ("unpaired", {"prompt": "2+2?", "completion": "4"}, ["missing 'label'"]),
 ]
 
 

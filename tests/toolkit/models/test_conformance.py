@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    Trainer,
+    TrainingArguments,
+)
 
 from tests.toolkit.models.conventions import assert_checkpointing_keeps_gradients, randomize_norms_and_biases
 from toolkit.models import ARCHITECTURES, PRESETS, build_config, register_auto_classes
@@ -133,6 +139,27 @@ def test_save_and_reload_through_auto_classes(arch, tmp_path):
             loaded(input_ids=ids, attention_mask=mask).logits,
             model(input_ids=ids, attention_mask=mask).logits,
         )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_score_head_loads_from_the_causal_lm_and_reads_the_last_real_token(arch, tmp_path):
+    """A reward model starts from a trained causal LM: the same body weights, a new one-label head, and the
+    score of a right-padded row equal to the row's score alone (the head reads the last non-pad token)."""
+    model = tiny_model(arch)
+    model.save_pretrained(tmp_path)
+    scorer = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=1).eval()
+    assert ARCHITECTURES[arch].adapter_targets and scorer.config.num_labels == 1
+    assert type(scorer).__name__ == type(model).__name__.replace("ForCausalLM", "ForSequenceClassification")
+    body = dict(model.base_model.state_dict())
+    assert all(torch.equal(t, body[k]) for k, t in scorer.base_model.state_dict().items())
+    ids, mask, rows = left_padded_batch()
+    right = torch.full_like(ids, PAD)
+    for i, row in enumerate(rows):
+        right[i, : len(row)] = row
+    with torch.no_grad():
+        batch = scorer(input_ids=right, attention_mask=(right != PAD).long()).logits[:, 0]
+        alone = torch.stack([scorer(input_ids=row[None]).logits[0, 0] for row in rows])
+    assert torch.allclose(batch, alone, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -9,8 +9,15 @@ __getattr__ = lazy_classes(
         "CodetteConfig": "configuration_codette",
         "CodetteModel": "modeling_codette",
         "CodetteForCausalLM": "modeling_codette",
+        "CodetteForSequenceClassification": "modeling_codette",
         "CodettePreTrainedModel": "modeling_codette",
     },
 )
 
-__all__ = ["CodetteConfig", "CodetteForCausalLM", "CodetteModel", "CodettePreTrainedModel"]
+__all__ = [
+    "CodetteConfig",
+    "CodetteForCausalLM",
+    "CodetteModel",
+    "CodettePreTrainedModel",
+    "CodetteForSequenceClassification",
+]

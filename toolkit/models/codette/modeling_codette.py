@@ -29,7 +29,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
@@ -380,4 +380,9 @@ class CodetteForCausalLM(CodettePreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["CodetteForCausalLM", "CodetteModel", "CodettePreTrainedModel"]
+class CodetteForSequenceClassification(GenericForSequenceClassification, CodettePreTrainedModel):
+    """`CodetteModel` plus a linear score head on the last non-pad token: a reward model (TRL's RewardTrainer,
+    GRPO rewards), or a classifier; transformers' generic head, as its own architectures use."""
+
+
+__all__ = ["CodetteForCausalLM", "CodetteModel", "CodettePreTrainedModel", "CodetteForSequenceClassification"]

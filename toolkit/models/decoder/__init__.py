@@ -9,8 +9,15 @@ __getattr__ = lazy_classes(
         "DecoderConfig": "configuration_decoder",
         "DecoderModel": "modeling_decoder",
         "DecoderForCausalLM": "modeling_decoder",
+        "DecoderForSequenceClassification": "modeling_decoder",
         "DecoderPreTrainedModel": "modeling_decoder",
     },
 )
 
-__all__ = ["DecoderConfig", "DecoderForCausalLM", "DecoderModel", "DecoderPreTrainedModel"]
+__all__ = [
+    "DecoderConfig",
+    "DecoderForCausalLM",
+    "DecoderModel",
+    "DecoderPreTrainedModel",
+    "DecoderForSequenceClassification",
+]

@@ -9,8 +9,15 @@ __getattr__ = lazy_classes(
         "PrometheusConfig": "configuration_prometheus",
         "PrometheusModel": "modeling_prometheus",
         "PrometheusForCausalLM": "modeling_prometheus",
+        "PrometheusForSequenceClassification": "modeling_prometheus",
         "PrometheusPreTrainedModel": "modeling_prometheus",
     },
 )
 
-__all__ = ["PrometheusConfig", "PrometheusForCausalLM", "PrometheusModel", "PrometheusPreTrainedModel"]
+__all__ = [
+    "PrometheusConfig",
+    "PrometheusForCausalLM",
+    "PrometheusModel",
+    "PrometheusPreTrainedModel",
+    "PrometheusForSequenceClassification",
+]

@@ -25,7 +25,7 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
@@ -295,4 +295,14 @@ class PrometheusForCausalLM(PrometheusPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["PrometheusForCausalLM", "PrometheusModel", "PrometheusPreTrainedModel"]
+class PrometheusForSequenceClassification(GenericForSequenceClassification, PrometheusPreTrainedModel):
+    """`PrometheusModel` plus a linear score head on the last non-pad token: a reward model (TRL's RewardTrainer,
+    GRPO rewards), or a classifier; transformers' generic head, as its own architectures use."""
+
+
+__all__ = [
+    "PrometheusForCausalLM",
+    "PrometheusModel",
+    "PrometheusPreTrainedModel",
+    "PrometheusForSequenceClassification",
+]
