@@ -328,15 +328,47 @@ def trainer_args(ctx: StageContext, tokenizer: PreTrainedTokenizerBase | None) -
         raise RecipeError(f"stages.{stage.name}.train: {error}") from None
 
 
-def peft_config(stage: Stage) -> Any:
+def peft_config(stage: Stage, model: PreTrainedModel | None = None) -> Any:
+    """The `peft:` section as a LoraConfig (DoRA: `use_dora`, rsLoRA: `use_rslora`; QLoRA: this over a
+    `model.quantization` base). Default targets: the linear layers a toolkit architecture declares, else
+    PEFT's own table for Hub model types, else every linear layer but the head. Every named target must match
+    a module of `model`: PEFT fails only when none does, so a misspelt one would silently train less."""
     if not stage.peft:
         return None
     from peft import LoraConfig
 
+    from toolkit.models import ARCHITECTURES
+
     options = {k: v for k, v in stage.peft.items() if k != "method"}
-    options.setdefault("task_type", "CAUSAL_LM")
-    options.setdefault("target_modules", "all-linear")
+    # A score head (reward model) is SEQ_CLS: PEFT then trains and saves the new head beside the adapter.
+    scorer = model is not None and type(model).__name__.endswith("ForSequenceClassification")
+    options.setdefault("task_type", "SEQ_CLS" if scorer else "CAUSAL_LM")
+    if "target_modules" not in options and model is not None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+        arch = ARCHITECTURES.get(getattr(model.config, "model_type", ""))
+        if arch is not None and arch.adapter_targets:
+            options["target_modules"] = list(arch.adapter_targets)
+        elif model.config.model_type not in PEFT_DEFAULTS:
+            options["target_modules"] = "all-linear"
+    if model is not None and isinstance(options.get("target_modules"), list):
+        _check_targets(stage, model, options["target_modules"])
     return LoraConfig(**options)
+
+
+def _check_targets(stage: Stage, model: PreTrainedModel, targets: list[str]) -> None:
+    from toolkit.errors import nearest
+
+    names = [name for name, _ in model.named_modules() if name]
+    linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            guess = nearest(target, linear)
+            hint = f" (did you mean '{guess}'?)" if guess else ""
+            raise RecipeError(
+                f"stages.{stage.name}.peft.target_modules: '{target}' matches no module of "
+                f"{type(model).__name__}{hint}; its linear layers: {', '.join(linear)}"
+            )
 
 
 def run(ctx: StageContext) -> StageOutcome:
@@ -354,7 +386,7 @@ def run(ctx: StageContext) -> StageOutcome:
     with distributed_state().main_process_first():  # one rank fills the datasets cache, the others read it
         train_data, eval_data = load_data(stage, kind.data_kind, spec, ctx.recipe.seed)
     args = trainer_args(ctx, tokenizer)
-    adapter = peft_config(stage)
+    adapter = peft_config(stage, model)
     extras = resolve(spec.extras)(ctx, model, tokenizer, adapter) if spec.extras else {}
     trainer = resolve(spec.trainer)(
         model=model,
