@@ -141,7 +141,7 @@ def test_bad_rewards_and_data_are_reported_before_anything_trains(work):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert not (work / "runs" / "bad").exists()
     err = result.stderr
-    assert err.startswith("error: 6 problems in bad.yaml:"), err
+    assert err.startswith("error: 7 problems in bad.yaml:"), err
     assert "stages.grpo.rewards[0].function: cannot import 'missing_module:fn': ModuleNotFoundError" in err
     assert "stages.grpo.rewards[1]: reward 'no_kwargs' raised TypeError" in err
     assert "stages.grpo.rewards[2]: reward 'words' returned 'good' for a completion; expected a number" in err
@@ -149,6 +149,10 @@ def test_bad_rewards_and_data_are_reported_before_anything_trains(work):
         "stages.grpo.rewards[3].builtin: unknown reward 'exact_answr' (did you mean 'exact_answer'?)" in err
     )
     assert "stages.second: grpo needs a `prompt` column; qa.jsonl has `answer`, `question`" in err
+    assert (
+        "stages.second.data.sources[0]: qa.jsonl:1: cannot tell the format from the columns question, answer"
+        in err
+    )
     assert (
         "stages.third.rewards[1]: exact_answer needs the column `answer`; no_answer.jsonl has `prompt`, `task`"
         in err
