@@ -360,7 +360,9 @@ def _check_targets(stage: Stage, model: PreTrainedModel, targets: list[str]) -> 
     from toolkit.errors import nearest
 
     names = [name for name, _ in model.named_modules() if name]
-    linear = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    linear = sorted(
+        {n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
     for target in targets:
         if not any(n == target or n.endswith("." + target) for n in names):
             guess = nearest(target, linear)

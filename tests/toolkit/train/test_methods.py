@@ -7,22 +7,19 @@ by one stage scores GRPO's completions in the next."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from tests.export.conftest import save_preset_model
+from tests.toolkit.train.test_rl import toolkit_train
 from toolkit.models import register_auto_classes
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration_test]
 
 ROOT = Path(__file__).resolve().parents[3]
-TOOLKIT = str(Path(sys.executable).parent / "toolkit")
 TRAIN = {"per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 1000, "report_to": "none"}
 
 
@@ -52,19 +49,6 @@ def work(tmp_path_factory) -> Path:
     write_jsonl(work / "hedge_train.jsonl", hedged[:128])
     write_jsonl(work / "hedge_heldout.jsonl", hedged[128:])
     return work
-
-
-def toolkit_train(work: Path, name: str, *stages: dict) -> subprocess.CompletedProcess:
-    (work / f"{name}.yaml").write_text(
-        yaml.safe_dump({"name": name, "stages": list(stages)}, sort_keys=False)
-    )
-    return subprocess.run(
-        [TOOLKIT, "train", f"{name}.yaml", "--overwrite"],
-        cwd=work,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
 
 
 def completion_logp(model, tokenizer, prompt: list[dict], completion: list[dict]) -> float:
