@@ -18,37 +18,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the tiny recipes the tests build
+from tests.tiny import pretrain_stage, tokenizer_stage, write_recipe  # noqa: E402
+
 TOOLKIT = str(Path(sys.executable).parent / "toolkit")
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 def recipe(work: Path, name: str, steps: int, per_device: int, seq: int) -> Path:
-    raw = {
-        "name": name,
-        "output_dir": str(work / name),
-        "stages": [
-            {
-                "name": "pretrain",
-                "method": "pretrain",
-                "model": {"preset": "decoder-tiny"},
-                "tokenizer": str(work / "tok" / "tok" / "final"),
-                "data": {"sources": [str(ROOT / "data/corpus/train.jsonl")]},
-                "train": {
-                    "max_steps": steps,
-                    "per_device_train_batch_size": per_device,
-                    "max_length": seq,
-                    "logging_steps": steps,
-                    "save_strategy": "no",
-                },
-            }
-        ],
-    }
-    path = work / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    stage = pretrain_stage(
+        str(ROOT / "data/corpus/train.jsonl"),
+        max_steps=steps,
+        per_device_train_batch_size=per_device,
+        max_length=seq,
+        logging_steps=steps,
+        save_strategy="no",
+    )
+    stage["tokenizer"] = str(work / "tok" / "tok" / "final")
+    return write_recipe(work / f"{name}.yaml", name, work / name, [stage])
 
 
 def steps_per_second(command: list[str], steps: int) -> float:
@@ -68,19 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tok = {
-            "name": "tok",
-            "output_dir": str(work / "tok"),
-            "stages": [
-                {
-                    "name": "tok",
-                    "method": "tokenizer",
-                    "data": {"sources": [str(ROOT / "data/corpus/train.jsonl")]},
-                    "tokenizer": {"vocab_size": 2048},
-                }
-            ],
-        }
-        (work / "tok.yaml").write_text(yaml.safe_dump(tok))
+        stages = [tokenizer_stage(str(ROOT / "data/corpus/train.jsonl"), vocab_size=2048)]
+        write_recipe(work / "tok.yaml", "tok", work / "tok", stages)
         subprocess.run([TOOLKIT, "train", str(work / "tok.yaml")], check=True, capture_output=True, cwd=ROOT)
         single = recipe(work, "single", args.steps, args.batch, args.seq)
         double = recipe(work, "ddp", args.steps, args.batch // 2, args.seq)

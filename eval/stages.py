@@ -136,21 +136,21 @@ def preflight_evaluate(stage: Any, at: str, problems: Any, recipe: Any = None) -
     """Names in `models` and `win_rate` that are stages must be earlier stages (a later one has no artifact
     yet); a name that is no stage must be a path that exists or a Hub id."""
     from eval.artifacts import HUB_ID
+    from toolkit.stages import find_earlier
 
     options = stage.options or {}
-    names = [s.name for s in recipe.stages] if recipe is not None else []
-    earlier = names[: names.index(stage.name)] if stage.name in names else names
     named = [("models", m) for m in options.get("models") or []]
     named += [(f"win_rate.{k}", (options.get("win_rate") or {}).get(k)) for k in ("model", "against")]
     for key, name in named:
         if not isinstance(name, str):
             continue
-        if name in names and name not in earlier:
+        ref = find_earlier(recipe, stage, name)
+        if ref.later:
             problems.add(f"{at}.evaluate.{key}: stage '{name}' runs after this one")
-        elif name not in names and not Path(name).exists() and not HUB_ID.match(name):
+        elif not ref.is_stage and not Path(name).exists() and not HUB_ID.match(name):
             from toolkit.errors import nearest
 
-            guess = nearest(name, earlier)
+            guess = nearest(name, ref.earlier)
             hint = f" (did you mean '{guess}'?)" if guess else ""
             problems.add(f"{at}.evaluate.{key}: '{name}' is no earlier stage, path or Hub id{hint}")
 

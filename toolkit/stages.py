@@ -168,6 +168,28 @@ def section_hooks() -> dict[str, SectionHook]:
     return dict(SECTIONS)
 
 
+@dataclass(frozen=True)
+class StageRef:
+    """What a stage name in another stage's section refers to, seen from that stage."""
+
+    stage: Stage | None  # the earlier stage of that name, None when there is none
+    later: bool  # a stage of that name exists, but runs after the one naming it (or is it)
+    earlier: list[str]  # the names of the stages before the one naming it
+
+    @property
+    def is_stage(self) -> bool:
+        return self.stage is not None or self.later
+
+
+def find_earlier(recipe: Recipe | None, stage: Stage, name: str) -> StageRef:
+    """Look `name` up among the stages of `recipe` that run before `stage` (a later stage has no output yet)."""
+    stages = list(recipe.stages) if recipe is not None else []
+    names = [s.name for s in stages]
+    before = stages[: names.index(stage.name)] if stage.name in names else stages
+    found = next((s for s in before if s.name == name), None)
+    return StageRef(found, found is None and name in names, [s.name for s in before])
+
+
 def schema_fields(schema: type) -> set[str]:
     """The keys a dataclass schema accepts."""
     return {f.name for f in dataclasses.fields(schema) if f.init}

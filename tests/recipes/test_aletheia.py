@@ -39,7 +39,7 @@ def logits(model, ids):
 
 def run_twin(tmp_path: Path, *extra: str) -> tuple[Path, subprocess.CompletedProcess]:
     """`toolkit train recipes/aletheia-tiny.yaml`, cut to a few steps, into tmp_path/run."""
-    from tests.toolkit.train.test_runner import head
+    from tests.tiny import head
 
     corpus = head("data/corpus/train.jsonl", 200, tmp_path / "corpus.jsonl")
     valid = head("data/corpus/valid.jsonl", 4, tmp_path / "valid.jsonl")

@@ -55,7 +55,7 @@ def test_the_whole_demo_recipe_ends_with_the_side_by_side_table(tmp_path):
     """Every stage of `recipes/quickstart.yaml`, cut to a few steps: the run ends with the evaluate stage's
     table (pretrain, sft, dpo in transformers; the q8_0 GGUF in llama.cpp), the win-rate below it, and the
     experiment log lists the run with those results."""
-    from tests.toolkit.train.test_runner import head
+    from tests.tiny import head
 
     corpus = head("data/corpus/train.jsonl", 200, tmp_path / "corpus.jsonl")
     valid = head("data/corpus/valid.jsonl", 4, tmp_path / "valid.jsonl")

@@ -82,7 +82,7 @@ def teacher_model(ctx: StageContext, model: Any, tokenizer: Any, peft_config: An
     loaded = load_pretrained(source, teacher, f"stages.{ctx.stage.name}.teacher")
     student_rows = model.get_input_embeddings().num_embeddings
     teacher_rows = loaded.get_input_embeddings().num_embeddings
-    if len(tokenizer) > teacher_rows or student_rows != teacher_rows:
+    if student_rows != teacher_rows:  # the student was sized to its tokenizer
         raise ToolkitError(
             f"stages.{ctx.stage.name}.teacher: {source} has {teacher_rows} embedding rows, the student "
             f"{student_rows} (tokenizer: {len(tokenizer)} tokens); distillation needs one vocabulary"
@@ -103,7 +103,7 @@ class TeacherOptions:
 
 def teacher_preflight(stage: Any, at: str, problems: Any, recipe: Any = None) -> None:
     """The teacher names exactly one of `path` and `stage`, and a named stage comes earlier and makes a model."""
-    from toolkit.stages import get_stage
+    from toolkit.stages import find_earlier, get_stage
 
     teacher = stage.options or {}
     if bool(teacher.get("path")) == bool(teacher.get("stage")):
@@ -116,12 +116,12 @@ def teacher_preflight(stage: Any, at: str, problems: Any, recipe: Any = None) ->
         if problem := local_path_problem(str(teacher["path"]), folder=True):
             problems.add(f"{at}.teacher.path: {teacher['path']}: {problem}")
     if name and recipe is not None:
-        earlier = [s.name for s in recipe.stages[: [s.name for s in recipe.stages].index(stage.name)]]
-        if name not in earlier:
+        ref = find_earlier(recipe, stage, name)
+        if ref.stage is None:
             problems.add(
-                f"{at}.teacher.stage: '{name}' is no earlier stage (earlier: {', '.join(earlier) or 'none'})"
+                f"{at}.teacher.stage: '{name}' is no earlier stage (earlier: {', '.join(ref.earlier) or 'none'})"
             )
-        elif not get_stage(next(s for s in recipe.stages if s.name == name).method).produces_model:
+        elif not get_stage(ref.stage.method).produces_model:
             problems.add(f"{at}.teacher.stage: stage '{name}' makes no model")
 
 

@@ -248,18 +248,17 @@ def _model_problem(value: str, stage: Any, where: str, problems: Problems, recip
     """A model reward names an earlier `reward` stage, or a folder holding a model."""
     from pathlib import Path
 
-    if recipe is not None and value in [s.name for s in recipe.stages]:
-        names = [s.name for s in recipe.stages]
-        earlier = recipe.stages[names.index(value)]
-        if names.index(value) > names.index(stage.name):
-            problems.add(
-                f"{where}.model: stage '{value}' runs after '{stage.name}'; a reward model comes first"
-            )
-        elif earlier.method != "reward":
-            problems.add(
-                f"{where}.model: stage '{value}' is a {earlier.method} stage; a reward model comes from a "
-                "`method: reward` stage"
-            )
+    from toolkit.stages import find_earlier
+
+    ref = find_earlier(recipe, stage, value)
+    if ref.later:
+        problems.add(f"{where}.model: stage '{value}' runs after '{stage.name}'; a reward model comes first")
+    elif ref.stage is not None and ref.stage.method != "reward":
+        problems.add(
+            f"{where}.model: stage '{value}' is a {ref.stage.method} stage; a reward model comes from a "
+            "`method: reward` stage"
+        )
+    if ref.is_stage:
         return
     folder = Path(value)
     if folder.exists() and not (folder / "config.json").exists():

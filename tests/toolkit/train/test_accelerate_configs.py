@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests.tiny import TINY, head, pretrain_stage, tokenizer_stage, write_recipe
 from toolkit.train.trainer_stage import cpu_has_native_bf16
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration_test]
@@ -22,42 +22,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration_test]
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
 WARNING = "warning: the launcher's mixed_precision bf16 is switched off"
-TINY = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def recipe(tmp: Path, name: str, per_device: int) -> Path:
     corpus = tmp / "corpus.jsonl"
     if not corpus.exists():
-        lines = (ROOT / "data/corpus/train.jsonl").read_text().splitlines()[:120]
-        corpus.write_text("\n".join(lines) + "\n")
-    raw = {
-        "name": name,
-        "output_dir": str(tmp / name),
-        "stages": [
-            {
-                "name": "tok",
-                "method": "tokenizer",
-                "data": {"sources": [str(corpus)]},
-                "tokenizer": {"vocab_size": 300},
-            },
-            {
-                "name": "pretrain",
-                "method": "pretrain",
-                "model": {"preset": "decoder-tiny", "config": TINY},
-                "data": {"sources": [str(corpus)]},
-                "train": {
-                    "max_steps": 4,
-                    "per_device_train_batch_size": per_device,
-                    "max_length": 32,
-                    "logging_steps": 1,
-                    "learning_rate": 1e-3,
-                },
-            },
-        ],
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+        head("data/corpus/train.jsonl", 120, corpus)
+    stages = [
+        tokenizer_stage(str(corpus)),
+        pretrain_stage(str(corpus), TINY, per_device_train_batch_size=per_device, learning_rate=1e-3),
+    ]
+    return write_recipe(tmp / f"{name}.yaml", name, tmp / name, stages)
 
 
 def launch(*args: str) -> subprocess.CompletedProcess:

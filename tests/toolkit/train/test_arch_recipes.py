@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.toolkit.train.test_runner import head
+from tests.tiny import head
 from toolkit import recipe as recipes
 from toolkit.run_folder import read_metrics
 from toolkit.train import run

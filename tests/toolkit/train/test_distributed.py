@@ -4,57 +4,29 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.tiny import TINY, head, pretrain_stage, tokenizer_stage, write_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration_test]
 
 
 def test_two_process_ddp_run_matches_layout_and_writes_once(tmp_path):
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("\n".join(Path("data/corpus/train.jsonl").read_text().splitlines()[:100]) + "\n")
-    sft = tmp_path / "sft.jsonl"
-    sft.write_text("\n".join(Path("data/sft/train.jsonl").read_text().splitlines()[:64]) + "\n")
-    tiny = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 2}
-    recipe = {
-        "name": "ddp",
-        "output_dir": str(tmp_path / "run"),
-        "stages": [
-            {
-                "name": "tok",
-                "method": "tokenizer",
-                "data": {"sources": [str(corpus)]},
-                "tokenizer": {"vocab_size": 300},
-            },
-            {
-                "name": "pretrain",
-                "method": "pretrain",
-                "model": {"preset": "decoder-tiny", "config": tiny},
-                "data": {"sources": [str(corpus)]},
-                "train": {
-                    "max_steps": 4,
-                    "per_device_train_batch_size": 2,
-                    "max_length": 32,
-                    "logging_steps": 1,
-                },
-            },
-            {
-                "name": "sft",
-                "method": "sft",
-                "data": {"sources": [str(sft)]},
-                "train": {
-                    "max_steps": 3,
-                    "per_device_train_batch_size": 2,
-                    "max_length": 48,
-                    "logging_steps": 1,
-                },
-            },
-        ],
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    corpus = head("data/corpus/train.jsonl", 100, tmp_path / "corpus.jsonl")
+    sft = head("data/sft/train.jsonl", 64, tmp_path / "sft.jsonl")
+    one_layer = {**TINY, "num_hidden_layers": 1}
+    stages = [
+        tokenizer_stage(corpus),
+        pretrain_stage(corpus, one_layer),
+        {
+            "name": "sft",
+            "method": "sft",
+            "data": {"sources": [sft]},
+            "train": {"max_steps": 3, "per_device_train_batch_size": 2, "max_length": 48, "logging_steps": 1},
+        },
+    ]
+    path = write_recipe(tmp_path / "recipe.yaml", "ddp", tmp_path / "run", stages)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     result = subprocess.run(
         [*launch, "-m", "toolkit.train", str(path)],

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tiny import head
 from toolkit import recipe as recipes
 from toolkit.errors import ToolkitError
 from toolkit.run_folder import RunFolder, StageFolder, read_metrics
@@ -17,12 +18,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration_test]
 
 # A small model and a short run: enough steps for the trends to show, few enough for CI on 2 cores.
 TINY = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4}
-
-
-def head(path: str, n: int, out: Path) -> str:
-    lines = Path(path).read_text().splitlines()[:n]
-    out.write_text("\n".join(lines) + "\n")
-    return str(out)
 
 
 def tiny_recipe(tmp: Path, dpo_source: str | None = None) -> dict:
