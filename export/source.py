@@ -6,13 +6,12 @@
   own `final/`.
 - A LoRA run's `final/` holds an adapter. It is merged with peft (`merge_and_unload`) into its base loaded
   in float32 from the base's own full-precision weights, never into a quantized base, and the logits of
-  the merged model are compared with base+adapter on the verification prompts (the drift).
+  the merged model are compared with base+adapter on the verification prompts (the drift): the merge of
+  `toolkit.train.adapters`, the one the runner and `toolkit merge-adapter` make.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,15 +19,6 @@ from typing import Any
 
 from toolkit.errors import ExportError, ToolkitError
 from toolkit.run_folder import RunFolder, model_folder_of
-
-# Copied next to merged weights so that the merged folder is a complete HF model folder.
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 
 
 @dataclass
@@ -88,55 +78,22 @@ def resolve_source(src: str | Path, prompts: list[str] | None = None) -> Source:
 
 
 def merge_lora(adapter_dir: Path, name: str, run_dir: Path | None, prompts: list[str]) -> Source:
-    """Merge the LoRA adapter in `adapter_dir` into its float32 base; report logits drift on `prompts`."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from toolkit.models import register_auto_classes
-
-    register_auto_classes()  # the Auto classes resolve the toolkit's architectures
-
-    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    base = adapter_config.get("base_model_name_or_path")
-    if not base:
-        raise ExportError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path to merge into")
-    base_config = Path(base) / "config.json"
-    if base_config.exists() and "quantization_config" in json.loads(base_config.read_text()):
-        raise ExportError(
-            f"LoRA base {base} is quantized; merging into quantized weights loses the adapter's precision. "
-            "Point adapter_config.json's base_model_name_or_path at the full-precision base."
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    except OSError as error:
-        raise ExportError(f"LoRA base model {base} cannot be loaded: {error}") from error
-    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").exists() else Path(base)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = PeftModel.from_pretrained(model, adapter_dir).eval()
-
-    def logits() -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [model(**tokenizer(p, return_tensors="pt")).logits[0] for p in prompts]
-
-    before = logits()
-    model = model.merge_and_unload()
-    after = logits()
-    drift = max((float((a - b).abs().max()) for a, b in zip(before, after, strict=True)), default=0.0)
+    """Merge the LoRA adapter in `adapter_dir` into its full-precision base (`toolkit.train.adapters`, the
+    merge the runner and `toolkit merge-adapter` make); the logits drift is measured on `prompts`."""
+    from toolkit.train.adapters import merge_adapter
 
     tmp = tempfile.TemporaryDirectory(prefix="merged-")
-    merged = Path(tmp.name)
-    model.save_pretrained(merged, safe_serialization=True)
-    for file in TOKENIZER_FILES:
-        for origin in (adapter_dir / file, Path(base) / file):
-            if origin.exists():
-                shutil.copy(origin, merged / file)
-                break
+    merged = Path(tmp.name) / "merged"
+    try:
+        report = merge_adapter(adapter_dir, merged, prompts=prompts or None, dtype="float32")
+    except ToolkitError as error:
+        tmp.cleanup()
+        raise ExportError(str(error)) from None
     return Source(
         folder=merged,
         name=name,
         run_dir=run_dir,
-        lora={"base": str(base), "adapter": str(adapter_dir), "merge_drift_max_abs": drift},
-        license=_license(adapter_dir) or _license(Path(base)),
+        lora={"base": report.base, "adapter": str(adapter_dir), "merge_drift_max_abs": report.drift_max_abs},
+        license=_license(adapter_dir) or _license(Path(report.base)),
         _tmp=tmp,
     )

@@ -1,4 +1,5 @@
-"""The `toolkit` command: one subcommand per job (train, methods, arch, data, eval, export, serve, push).
+"""The `toolkit` command: one subcommand per job (train, methods, merge-adapter, arch, data, eval, export,
+serve, push).
 
 eval, export, serve, push and `arch check` come from the eval and export packages, through the
 `forge_toolkit.cli` entry points.
@@ -147,6 +148,31 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge_adapter(args: argparse.Namespace) -> int:
+    """Merge a LoRA/QLoRA adapter into its full-precision base (toolkit.train.adapters)."""
+    from toolkit.run_folder import RunFolder, model_folder_of
+    from toolkit.train.adapters import format_report, merge_adapter
+
+    if args.stage:
+        run = RunFolder.containing(args.src)
+        if run is None:
+            raise ToolkitError(f"--stage needs a run folder (a recipe.yaml inside); {args.src} is none")
+        adapter = run.stage(args.stage).final
+    else:
+        adapter, _ = model_folder_of(args.src)
+    if not (adapter / "adapter_config.json").exists():
+        raise ToolkitError(f"{adapter} holds full weights, not a LoRA adapter: there is nothing to merge")
+    # A stage's merge goes beside its final/ (where the runner puts it); a bare adapter folder's beside it.
+    default = (
+        adapter.parent / "merged" if adapter.name == "final" else adapter.with_name(adapter.name + "-merged")
+    )
+    report = merge_adapter(
+        adapter, Path(args.out) if args.out else default, base=args.base, prompts=args.prompt
+    )
+    print(json.dumps(vars(report), indent=2) if args.json else format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     commands.add_parser("methods", help="the methods a recipe stage can name").set_defaults(func=cmd_methods)
+
+    merge = commands.add_parser(
+        "merge-adapter",
+        help="merge a LoRA/QLoRA adapter into its full-precision base, with the logit drift",
+        description="Merge in float32 from the full-precision base (never into 4-bit weights), resize the "
+        "vocabulary to the adapter's, report the logit drift and which consumers take the adapter folder.",
+    )
+    merge.add_argument("src", help="run folder (its last model stage), stage folder or adapter folder")
+    merge.add_argument("--stage", help="the stage of the run folder whose adapter to merge")
+    merge.add_argument("--base", help="full-precision base (default: the adapter's base_model_name_or_path)")
+    merge.add_argument("--out", help="output folder (default: <stage>/merged beside the adapter's final/)")
+    merge.add_argument("--prompt", action="append", help="a prompt the drift is measured on (repeatable)")
+    merge.add_argument("--json", action="store_true", help="print the report as JSON")
+    merge.set_defaults(func=cmd_merge_adapter)
 
     runs = commands.add_parser(
         "runs",

@@ -122,38 +122,18 @@ def resolve_model_path(stage: Stage, run_dir: Path, spec: dict[str, Any] | None 
 
 
 def merged_adapter(adapter: Path) -> Path:
-    """`<stage>/merged/`: the LoRA adapter in `adapter` merged (peft's `merge_and_unload`) into its base,
-    loaded at the base's own precision (never 4-bit: a quantized base is refused), with the adapter's
-    tokenizer; written once, atomically, by the main process. An absolute path: the next adapter names it as
+    """`<stage>/merged/`: the LoRA adapter in `adapter` merged into its full-precision base
+    (`toolkit.train.adapters.merge_adapter`: float32, never into 4-bit weights, a resized vocabulary
+    handled), written once, atomically, by the main process. An absolute path: the next adapter names it as
     its base, and the run folder may be used from anywhere."""
-    from peft import PeftModel
-
+    from toolkit.train.adapters import format_report, merge_adapter
     from toolkit.train.runner import distributed_state
 
     merged = (adapter.parent / "merged").resolve()
     with distributed_state().main_process_first():
         if (merged / "config.json").exists() or not distributed_state().is_main_process:
             return merged
-        config = json.loads((adapter / "adapter_config.json").read_text())
-        base = config.get("base_model_name_or_path")
-        if not base:
-            raise ToolkitError(
-                f"{adapter}/adapter_config.json names no base_model_name_or_path to merge into"
-            )
-        base_config = Path(base) / "config.json"
-        if base_config.exists() and "quantization_config" in json.loads(base_config.read_text()):
-            raise ToolkitError(
-                f"{adapter}: its base {base} is quantized; merge into the full-precision base instead "
-                "(point base_model_name_or_path in adapter_config.json at it)"
-            )
-        print(f"merging the LoRA adapter {adapter} into {base} -> {merged}")
-        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto", use_safetensors=True)
-        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-        tmp = merged.parent / ".merged.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        AutoTokenizer.from_pretrained(adapter).save_pretrained(tmp)
-        os.replace(tmp, merged)
+        print(format_report(merge_adapter(adapter, merged)), flush=True)
     return merged
 
 
