@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import enum
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,10 +104,47 @@ class Recipe:
         }
 
 
+class ToolkitOptim(enum.Enum):
+    """Optimizers `train.optim` may name besides TrainingArguments' own (toolkit/train/optimizers.py)."""
+
+    MUON = "muon"
+
+
+@dataclass
+class Grokfast:
+    """`train.grokfast`: the EMA's decay (`alpha`, in [0, 1)) and the amplification of its part (`lamb`);
+    the defaults are the paper's (Lee et al. 2024, Grokfast-EMA)."""
+
+    alpha: float = 0.98
+    lamb: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha < 1:
+            raise ValueError(f"alpha is {self.alpha}; the EMA's decay lies in [0, 1)")
+        if self.lamb < 0:
+            raise ValueError(f"lamb is {self.lamb}; the amplification is ≥ 0")
+
+
+# `train:` keys of the toolkit's own, beside the method's TRL config fields; the trainer stage takes them out
+# before it builds that config (toolkit/train/trainer_stage.py).
+TOOLKIT_TRAIN_KEYS: dict[str, Any] = {
+    "grokfast": dict,  # {alpha, lamb}: Grokfast-EMA gradient filter (toolkit/train/optimizers.py)
+    "auto_batch_size": bool,  # the largest micro-batch that fits, the global batch kept by accumulation
+}
+
+
+def train_types(config: str) -> dict[str, Any]:
+    """Key -> annotation of a `train:` section whose TRL config is `config` (a "module:Class" name)."""
+    types_ = {**field_types(resolve(config)), **TOOLKIT_TRAIN_KEYS}
+    if "optim" in types_:
+        types_["optim"] = ToolkitOptim | types_["optim"]
+    return types_
+
+
 def trainer_fields(method: str) -> set[str]:
     """The keys a `train:` section may hold for `method` (none for a stage that does not train)."""
     spec = get_stage(method).trainer
-    return set(field_types(resolve(spec.config))) if spec else set()
+    return set(train_types(spec.config)) if spec else set()
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -219,9 +257,13 @@ def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str, problem
     if "tokenizer" in kind.keys:
         stage.tokenizer = _parse_tokenizer_ref(raw.get("tokenizer"), stage, earlier, at, problems)
     if kind.trainer is not None:
-        types_ = field_types(resolve(kind.trainer.config))
+        types_ = train_types(kind.trainer.config)
         stage.train = problems.mapping(raw.get("train"), types_, f"{at}.train")
         check_values(stage.train, types_, f"{at}.train", problems)
+        if isinstance(stage.train.get("grokfast"), dict):
+            stage.train["grokfast"] = _parse_section(
+                stage.train["grokfast"], Grokfast, f"{at}.train.grokfast", problems
+            )
         if "output_dir" in stage.train:
             problems.add(f"{at}.train.output_dir: set by the runner (runs/<name>/<stage>/checkpoints)")
     if "peft" in kind.keys and raw.get("peft") is not None:

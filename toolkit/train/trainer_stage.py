@@ -28,7 +28,7 @@ from transformers import (
 from toolkit.data.tokenizer import end_of_turn_ids
 from toolkit.errors import RecipeError, ToolkitError
 from toolkit.io import write_text
-from toolkit.recipe import Stage
+from toolkit.recipe import TOOLKIT_TRAIN_KEYS, Stage
 from toolkit.run_folder import read_metrics
 from toolkit.stages import StageContext, StageOutcome, TrainerSpec, resolve
 from toolkit.train.callbacks import MetricsCallback, plot_stage
@@ -294,7 +294,9 @@ def trainer_args(ctx: StageContext, tokenizer: PreTrainedTokenizerBase | None) -
     }
     if spec.config_values:
         values.update(resolve(spec.config_values)(ctx, tokenizer))
-    values.update(stage.train)
+    values.update({k: v for k, v in stage.train.items() if k not in TOOLKIT_TRAIN_KEYS})
+    if values.get("optim") == "muon":  # built by the stage (toolkit/train/optimizers.py), not by the Trainer
+        values.pop("optim")
     if warning := launcher_precision_override(stage.train):
         from toolkit.train.runner import distributed_state
 
@@ -377,9 +379,10 @@ def run(ctx: StageContext) -> StageOutcome:
         eval_dataset=eval_data,
         processing_class=tokenizer,
         peft_config=adapter,
-        callbacks=[MetricsCallback(ctx.folder.metrics)],
+        callbacks=[MetricsCallback(ctx.folder.metrics), *optimizer_callbacks(stage)],
         **extras,
     )
+    use_optimizer(stage, trainer)
     checkpoint = resume_checkpoint(Path(args.output_dir), stage.name) if ctx.resume else None
     if trainer.is_world_process_zero():
         keep_metrics(ctx.folder.metrics, checkpoint)
@@ -388,6 +391,30 @@ def run(ctx: StageContext) -> StageOutcome:
     if trainer.is_world_process_zero():
         plot_stage(ctx.folder.metrics, ctx.folder.plots, f"{ctx.recipe.name}: {stage.name}", spec.plots)
     return StageOutcome(final=ctx.folder.final, model=trainer.model, tokenizer=tokenizer)
+
+
+def optimizer_callbacks(stage: Stage) -> list[Any]:
+    """The gradient filters `train:` asks for (`grokfast:`), as Trainer callbacks."""
+    from toolkit.train.optimizers import GrokfastCallback
+
+    grokfast = stage.train.get("grokfast")
+    return [GrokfastCallback(**grokfast)] if grokfast else []
+
+
+def use_optimizer(stage: Stage, trainer: Any) -> None:
+    """`optim: muon`: the trainer builds Muon + AdamW over its (possibly PEFT-wrapped) model, through
+    Trainer's own optimizer factory hook, so the schedule, clipping and checkpoints treat it as any other."""
+    if stage.train.get("optim") != "muon":
+        return
+    from toolkit.train.optimizers import MuonFactory, muon_options
+
+    if trainer.is_fsdp_enabled:
+        raise RecipeError(
+            f"stages.{stage.name}.train.optim: muon orthogonalizes whole weight matrices, and under FSDP each "
+            "process holds a shard of them; launch with DDP (recipes/accelerate/ddp.yaml) or choose adamw_torch"
+        )
+    options = muon_options(stage.train.get("optim_args"), f"stages.{stage.name}.train")
+    trainer.optimizer_cls_and_kwargs = (MuonFactory, {"args": trainer.args, "options": options})
 
 
 def keep_metrics(path: Path, checkpoint: str | None) -> None:
