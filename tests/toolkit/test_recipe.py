@@ -50,10 +50,12 @@ def test_valid_recipe_resolves_chain():
     assert str(recipe.output_dir) == "runs/t"
 
 
-def test_train_keys_are_exactly_the_trl_config_fields():
-    assert recipes.trainer_fields("sft") == {f.name for f in dataclasses.fields(SFTConfig) if f.init}
+def test_train_keys_are_exactly_the_trl_config_fields_and_the_toolkits_own():
+    own = set(recipes.TOOLKIT_TRAIN_KEYS)
+    assert own == {"grokfast", "auto_batch_size"}
+    assert recipes.trainer_fields("sft") == {f.name for f in dataclasses.fields(SFTConfig) if f.init} | own
     assert "beta" in recipes.trainer_fields("dpo") and "beta" not in recipes.trainer_fields("sft")
-    assert recipes.trainer_fields("dpo") == {f.name for f in dataclasses.fields(DPOConfig) if f.init}
+    assert recipes.trainer_fields("dpo") == {f.name for f in dataclasses.fields(DPOConfig) if f.init} | own
 
 
 @pytest.mark.parametrize(

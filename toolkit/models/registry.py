@@ -174,6 +174,14 @@ def count_parameters(config: PreTrainedConfig) -> int:
 BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
 
 
+# Full training with AdamW, bytes per parameter: fp32 keeps all in float32; bf16 mixed precision keeps bf16
+# weights and grads plus fp32 master weights and moments.
+TRAINING_BYTES_PER_PARAM = {
+    "fp32": {"weights": 4, "gradients": 4, "optimizer": 8},
+    "bf16-mixed": {"weights": 6, "gradients": 2, "optimizer": 8},
+}
+
+
 def memory_estimate(config: PreTrainedConfig) -> dict[str, Any]:
     """Memory needed to run and to train `config`, in bytes.
 
@@ -193,8 +201,8 @@ def memory_estimate(config: PreTrainedConfig) -> dict[str, Any]:
         for dtype, size in BYTES_PER_PARAM.items()
     }
     training = {
-        "fp32": {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n},
-        "bf16-mixed": {"weights": 6 * n, "gradients": 2 * n, "optimizer": 8 * n},
+        regime: {part: size * n for part, size in parts.items()}
+        for regime, parts in TRAINING_BYTES_PER_PARAM.items()
     }
     for parts in training.values():
         parts["total"] = sum(parts.values())

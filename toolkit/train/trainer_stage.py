@@ -370,6 +370,7 @@ def run(ctx: StageContext) -> StageOutcome:
     with distributed_state().main_process_first():  # one rank fills the datasets cache, the others read it
         train_data, eval_data = load_data(stage, kind.data_kind, spec, ctx.recipe.seed)
     args = trainer_args(ctx, tokenizer)
+    args = fit_hardware(ctx, model, tokenizer, args)
     adapter = peft_config(stage, model)
     extras = resolve(spec.extras)(ctx, model, tokenizer, adapter) if spec.extras else {}
     trainer = resolve(spec.trainer)(
@@ -383,6 +384,11 @@ def run(ctx: StageContext) -> StageOutcome:
         **extras,
     )
     use_optimizer(stage, trainer)
+    if trainer.is_world_process_zero():
+        from toolkit.train.fit import disk_needed, preflight_disk
+
+        need = disk_needed(trainer.model, args, adapter_only=adapter is not None)
+        preflight_disk(stage.name, ctx.folder.path, need)
     checkpoint = resume_checkpoint(Path(args.output_dir), stage.name) if ctx.resume else None
     if trainer.is_world_process_zero():
         keep_metrics(ctx.folder.metrics, checkpoint)
@@ -391,6 +397,29 @@ def run(ctx: StageContext) -> StageOutcome:
     if trainer.is_world_process_zero():
         plot_stage(ctx.folder.metrics, ctx.folder.plots, f"{ctx.recipe.name}: {stage.name}", spec.plots)
     return StageOutcome(final=ctx.folder.final, model=trainer.model, tokenizer=tokenizer)
+
+
+def fit_hardware(
+    ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: Any
+) -> Any:
+    """Before the trainer is built: on a GPU, full training's memory against the free memory; with
+    `auto_batch_size`, the micro-batch that fits and the accumulation that keeps the global batch
+    (toolkit/train/fit.py)."""
+    from toolkit.train.fit import fit_batch_size, preflight_memory
+    from toolkit.train.runner import distributed_state
+
+    stage = ctx.stage
+    quantized = getattr(model, "is_quantized", False)
+    if not stage.peft and not quantized:
+        preflight_memory(stage.name, model, bool(args.bf16))
+    if not stage.train.get("auto_batch_size"):
+        return args
+    if not quantized:  # a quantized model was placed when it loaded
+        model.to(args.device)
+    args, note = fit_batch_size(stage.name, model, args, ctx.kind.data_kind, len(tokenizer))
+    if note and distributed_state().is_main_process:
+        print(note, flush=True)
+    return args
 
 
 def optimizer_callbacks(stage: Stage) -> list[Any]:
