@@ -1,4 +1,4 @@
-"""The `toolkit` command: one subcommand per job (train, methods, merge-adapter, arch, data, eval, export,
+"""The `toolkit` command: one subcommand per job (train, sweep, methods, merge-adapter, arch, data, eval, export,
 serve, push).
 
 eval, export, serve, push and `arch check` come from the eval and export packages, through the
@@ -173,6 +173,21 @@ def cmd_merge_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from toolkit import recipe as recipes
+    from toolkit.sweep import parse_grid, run_sweep, sweep_table
+
+    grid = parse_grid(args.grid)
+    out = (
+        Path(args.output_dir) if args.output_dir else Path("runs") / f"{recipes.load(args.recipe).name}-sweep"
+    )
+    state = run_sweep(args.recipe, grid, out, metric=args.metric, resume=args.resume, launch=args.launch)
+    print()
+    print(sweep_table(state))
+    print(f"\n{out / 'sweep.json'}, {out / 'sweep.png'}")
+    return 0 if all(p["status"] == "done" for p in state["points"]) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="toolkit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -199,6 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     commands.add_parser("methods", help="the methods a recipe stage can name").set_defaults(func=cmd_methods)
+
+    sweep = commands.add_parser("sweep", help="a grid of runs of one recipe, a table and a plot of a measure")
+    sweep.add_argument("recipe", help="recipe YAML file")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a swept key and its values, e.g. stages.sft.train.learning_rate=1e-4,2e-4 (repeatable)",
+    )
+    sweep.add_argument("--metric", default="loss", help="MEASURE or STAGE.MEASURE to compare (default: loss)")
+    sweep.add_argument("--output-dir", help="sweep folder (default runs/<recipe name>-sweep)")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    sweep.add_argument("--launch", help='launcher per point, e.g. "accelerate launch --config_file C"')
+    sweep.set_defaults(func=cmd_sweep)
 
     merge = commands.add_parser(
         "merge-adapter",
