@@ -48,3 +48,18 @@ def pretrain_stage(corpus: str, config: dict[str, Any] | None = None, **train: A
 def write_recipe(path: Path, name: str, output_dir: Path, stages: list[dict[str, Any]]) -> Path:
     path.write_text(yaml.safe_dump({"name": name, "output_dir": str(output_dir), "stages": stages}))
     return path
+
+
+def sft_stage(**sections: Any) -> Any:
+    """One parsed SFT stage of a Hub-model recipe with `sections` (peft=..., train=...): what the unit tests
+    of a stage's sections check, without training."""
+    from toolkit import recipe as recipes
+
+    raw = {
+        "name": "sft",
+        "method": "sft",
+        "model": {"path": "m"},
+        "data": {"sources": ["x.jsonl"]},
+        **sections,
+    }
+    return recipes.parse({"name": "r", "stages": [raw]}).stages[0]

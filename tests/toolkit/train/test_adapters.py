@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from toolkit import recipe as recipes
+from tests.tiny import sft_stage
 from toolkit.errors import RecipeError
 from toolkit.models import ARCHITECTURES, build_config, register_auto_classes
 from toolkit.train.trainer_stage import peft_config
@@ -22,19 +22,7 @@ def tiny(arch: str) -> torch.nn.Module:
 
 
 def stage(peft: dict):
-    raw = {
-        "name": "r",
-        "stages": [
-            {
-                "name": "sft",
-                "method": "sft",
-                "model": {"path": "m"},
-                "data": {"sources": ["x.jsonl"]},
-                "peft": peft,
-            }
-        ],
-    }
-    return recipes.parse(raw).stages[0]
+    return sft_stage(peft=peft)
 
 
 def adapted(model: torch.nn.Module, config: LoraConfig) -> set[str]:

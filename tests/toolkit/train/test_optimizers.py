@@ -13,9 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
-from tests.tiny import TINY, head, pretrain_stage, tokenizer_stage, write_recipe
+from tests.tiny import TINY, head, pretrain_stage, sft_stage, tokenizer_stage, write_recipe
 from tests.toolkit.train.test_resume import assert_identical, train, weights
-from toolkit import recipe as recipes
 from toolkit.errors import RecipeError
 from toolkit.models import build_config, register_auto_classes
 from toolkit.train.optimizers import GrokfastCallback, build_muon, muon_options, muon_split
@@ -121,19 +120,7 @@ def test_grokfast_adds_lamb_times_the_ema(tmp_path):
 
 
 def stage(train: dict):
-    raw = {
-        "name": "r",
-        "stages": [
-            {
-                "name": "sft",
-                "method": "sft",
-                "model": {"path": "m"},
-                "data": {"sources": ["x.jsonl"]},
-                "train": train,
-            }
-        ],
-    }
-    return recipes.parse(raw).stages[0]
+    return sft_stage(train=train)
 
 
 def test_bad_optimizer_settings_are_named():
