@@ -1,4 +1,4 @@
-"""Atomic writes: a file or folder appears complete at its final path, or not at all."""
+"""Atomic writes (a file or folder appears complete at its final path, or not at all), JSON lines, sizes."""
 
 from __future__ import annotations
 
@@ -27,6 +27,11 @@ def atomic_path(target: str | Path, *, is_dir: bool = False) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
         tmp = Path(name)
+    # mkstemp/mkdtemp create private (0600/0700) paths; what appears at the target gets the permissions any
+    # new file or folder would (0666/0777 less the umask), so that a written model folder can be shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, (0o777 if is_dir else 0o666) & ~umask)
     try:
         yield tmp
         if is_dir and target.exists():
@@ -56,3 +61,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ToolkitError(f"file not found: {path}")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def human_bytes(n: float) -> str:
+    """A size for people: MiB below a quarter GiB, GiB above."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"

@@ -62,6 +62,10 @@ def measure(run_dir: Path, metric: str) -> float | None:
     return None
 
 
+def _key(point: dict[str, str]) -> str:
+    return json.dumps(point, sort_keys=True)
+
+
 def _state(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {}
 
@@ -77,10 +81,10 @@ def run_sweep(
     """Run every point of `grid` over the recipe; returns (and keeps in `out/sweep.json`) the sweep's state."""
     from toolkit import recipe as recipes
 
-    name = recipes.load(recipe_path).name
     grid_points = points(grid)
-    for point in grid_points:  # every point checked before any trains
-        recipes.load(recipe_path, overrides=[f"{k}={v}" for k, v in point.items()])
+    # Every point checked before any trains.
+    loaded = [recipes.load(recipe_path, overrides=[f"{k}={v}" for k, v in p.items()]) for p in grid_points]
+    name = loaded[0].name
     state_path = out / SWEEP_FILE
     state = _state(state_path)
     if state and not resume:
@@ -91,14 +95,12 @@ def run_sweep(
         raise ToolkitError(
             f"{out}: the sweep there ran another grid ({state.get('grid')}); use another --output-dir"
         )
-    state = {"recipe": str(recipe_path), "grid": grid, "metric": metric, "points": state.get("points", [])}
-    recorded = {json.dumps(p["overrides"], sort_keys=True): p for p in state["points"]}
-    results = []
+    # One entry per point, written in grid order: a point not reached yet has none.
+    entries = {_key(p["overrides"]): p for p in state.get("points", [])}
+    state = {"recipe": str(recipe_path), "grid": grid, "metric": metric, "points": []}
     for i, point in enumerate(grid_points):
         run_dir = out / f"{name}-{i:03d}"
-        entry = recorded.get(json.dumps(point, sort_keys=True))
-        if entry and entry["status"] == "done":
-            results.append(entry)
+        if entries.get(_key(point), {}).get("status") == "done":
             continue
         argv = [str(recipe_path), *(f"{k}={v}" for k, v in point.items()), "--output-dir", str(run_dir)]
         if run_dir.exists():
@@ -113,18 +115,15 @@ def run_sweep(
             flush=True,
         )
         code = subprocess.run(command).returncode
-        entry = {
+        entries[_key(point)] = {
             "overrides": point,
             "run_dir": str(run_dir),
             "status": "done" if code == 0 else f"failed (exit {code})",
             "value": measure(run_dir, metric) if code == 0 else None,
         }
-        results.append(entry)
-        state["points"] = results + [
-            p for p in state["points"] if p not in results and p["overrides"] != point
-        ]
+        state["points"] = [entries[_key(p)] for p in grid_points if _key(p) in entries]
         write_text(state_path, json.dumps(state, indent=2) + "\n")
-    state["points"] = results
+    state["points"] = [entries[_key(p)] for p in grid_points if _key(p) in entries]
     write_text(state_path, json.dumps(state, indent=2) + "\n")
     plot_sweep(state, out / "sweep.png")
     return state

@@ -19,11 +19,14 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from toolkit.errors import ToolkitError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 REPORT = "merge_report.json"
 # Copied beside the merged weights when the adapter folder has them, so the merged folder is a whole model.
@@ -61,8 +64,9 @@ def adapter_base(adapter: Path, base: str | Path | None = None) -> str:
     return str(named)
 
 
-def refuse_quantized(base: str, adapter: Path) -> None:
-    """Refuse a base whose weights are stored quantized (a bitsandbytes/GPTQ/AWQ checkpoint)."""
+def refuse_quantized(base: str, adapter: Path) -> PreTrainedConfig:
+    """The config of `base`; a base whose weights are stored quantized (a bitsandbytes/GPTQ/AWQ checkpoint)
+    is refused."""
     from transformers import AutoConfig
 
     from toolkit.models import register_auto_classes
@@ -84,6 +88,7 @@ def refuse_quantized(base: str, adapter: Path) -> None:
             "weights rounds the adapter's update away and leaves a model no exporter reads. Merge into the "
             f"full-precision base instead: toolkit merge-adapter {adapter} --base FULL_PRECISION_BASE"
         )
+    return config
 
 
 def _adapter_tensors(adapter: Path) -> dict[str, tuple[int, ...]]:
@@ -172,7 +177,9 @@ def merge_adapter(
     register_auto_classes()
     adapter, out = Path(adapter), Path(out)
     base_id = adapter_base(adapter, base)
-    refuse_quantized(base_id, adapter)
+    base_config = refuse_quantized(base_id, adapter)
+    # The base's own dtype as saved (loading in float32 below rewrites model.config.dtype).
+    stored = dtype or str(getattr(base_config, "dtype", None) or "float32").removeprefix("torch.")
     config = json.loads((adapter / "adapter_config.json").read_text())
     task = config.get("task_type") or "CAUSAL_LM"
     if task != "CAUSAL_LM":
@@ -184,7 +191,6 @@ def merge_adapter(
         model = AutoModelForCausalLM.from_pretrained(base_id, dtype=torch.float32, use_safetensors=True)
     except (OSError, ValueError) as error:
         raise ToolkitError(f"the base {base_id} of the adapter {adapter} cannot be loaded: {error}") from None
-    stored = dtype or str(getattr(model.config, "dtype", None) or "float32").removeprefix("torch.")
     tokenizer_dir = adapter if (adapter / "tokenizer_config.json").exists() else Path(base_id)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tensors = _adapter_tensors(adapter)

@@ -23,15 +23,12 @@ from typing import Any
 import torch
 
 from toolkit.errors import RecipeError, ToolkitError
+from toolkit.io import human_bytes
 from toolkit.models.registry import TRAINING_BYTES_PER_PARAM
 
 # Sequences per example the trainer runs forward together: a preference pair is chosen and rejected.
 ROWS_PER_EXAMPLE = {"text": 1, "messages": 1, "preference": 2, "unpaired": 2}  # KTO adds its KL batch
 OPTIMIZER_BYTES_PER_PARAM = 8  # AdamW's two float32 moments (Muon's one momentum is less)
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
 
 
 def fit_batch_size(
@@ -132,9 +129,9 @@ def preflight_disk(stage_name: str, folder: Path, need: dict[str, int], free: in
     if need["total"] <= free:
         return
     raise ToolkitError(
-        f"stages.{stage_name}: the stage writes about {_gib(need['total'])} ({need['checkpoints']} "
-        f"checkpoints of {_gib(need['checkpoint'])} and final/ of {_gib(need['final'])}) under {folder}, "
-        f"which has {_gib(free)} free; lower save_total_limit, raise save_steps, train an adapter (peft:), "
+        f"stages.{stage_name}: the stage writes about {human_bytes(need['total'])} ({need['checkpoints']} "
+        f"checkpoints of {human_bytes(need['checkpoint'])} and final/ of {human_bytes(need['final'])}) under {folder}, "
+        f"which has {human_bytes(free)} free; lower save_total_limit, raise save_steps, train an adapter (peft:), "
         "or free some space"
     )
 
@@ -153,8 +150,8 @@ def preflight_memory(stage_name: str, model: torch.nn.Module, bf16: bool, free: 
     if total <= free:
         return
     raise ToolkitError(
-        f"stages.{stage_name}: full training ({regime}) of {n:,} parameters needs about {_gib(total)} before "
-        f"activations (weights {_gib(n * parts['weights'])}, gradients {_gib(n * parts['gradients'])}, "
-        f"optimizer {_gib(n * parts['optimizer'])}), and the GPU has {_gib(free)} free; train an adapter "
+        f"stages.{stage_name}: full training ({regime}) of {n:,} parameters needs about {human_bytes(total)} before "
+        f"activations (weights {human_bytes(n * parts['weights'])}, gradients {human_bytes(n * parts['gradients'])}, "
+        f"optimizer {human_bytes(n * parts['optimizer'])}), and the GPU has {human_bytes(free)} free; train an adapter "
         "(peft:, or QLoRA with model.quantization), shard it (FSDP/ZeRO-3), or use a smaller preset"
     )

@@ -111,6 +111,21 @@ def test_a_quantized_base_is_refused_with_the_command_that_merges_right(run_dir,
     )
 
 
+def test_the_merge_is_written_in_the_bases_own_dtype(run_dir, tmp_path):
+    from safetensors import safe_open
+
+    register_auto_classes()
+    base = tmp_path / "base-bf16"
+    AutoModelForCausalLM.from_pretrained(
+        run_dir / "pretrain" / "final", dtype=torch.bfloat16
+    ).save_pretrained(base)
+    done = toolkit("merge-adapter", str(run_dir), "--base", str(base), "--out", str(tmp_path / "m"), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), framework="pt") as handle:
+        assert {handle.get_tensor(name).dtype for name in handle.keys()} == {torch.bfloat16}  # noqa: SIM118
+
+
 def test_a_stage_with_full_weights_has_nothing_to_merge(run_dir):
     done = toolkit("merge-adapter", str(run_dir), "--stage", "pretrain")
     assert done.returncode == 2
