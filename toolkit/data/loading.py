@@ -78,6 +78,9 @@ class DataSource:
     # Column renames applied before anything else, e.g. {"question": "prompt"} for a dataset whose RL prompts sit in
     # a `question` column; a renamed column replaces a column of the same name.
     columns: dict[str, str] = field(default_factory=dict)
+    # Keep only the rows whose column has this value (or one of these values), e.g. {task: addition} for one
+    # task family of a mixed file; tested after the renames, before max_rows.
+    where: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> DataSource:
@@ -123,6 +126,10 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "columns": (
         lambda v: isinstance(v, dict) and all(_is_text(k) and _is_text(n) for k, n in v.items()),
         "a mapping from source column to new name, e.g. {question: prompt}",
+    ),
+    "where": (
+        lambda v: isinstance(v, dict) and all(_is_text(k) for k in v),
+        "a mapping from column to the value (or list of values) of the rows to keep, e.g. {task: addition}",
     ),
 }
 
@@ -365,11 +372,10 @@ def _scan(
                 f"{source.path}: a .txt file holds plain text; '{fmt}' rows need jsonl, json, csv or parquet"
             )
     column_types: dict[str, tuple[str, str]] = {}  # extra column -> (type name, where first seen)
-    for raw in itertools.islice(rows(), source.max_rows):
+    for raw, row in itertools.islice(_selected(rows(), source), source.max_rows):
         if raw.data is None:
             yield raw.where, None, [raw.problem]
             continue
-        row = _rename(raw.data, source.columns)
         if fmt is None:
             fmt = detect_format(row)
             if fmt is None:
@@ -382,6 +388,16 @@ def _scan(
         if FORMATS[fmt].keeps_extra_columns:
             problems += _extra_column_problems(canonical, raw.where, column_types)
         yield raw.where, canonical, problems
+
+
+def _selected(rows: Iterator[RawRow], source: DataSource) -> Iterator[tuple[RawRow, dict | None]]:
+    """Each row with its columns renamed, those that `source.where` leaves out skipped (unreadable rows are
+    kept, so that their problems are reported)."""
+    wanted = {k: v if isinstance(v, list) else [v] for k, v in source.where.items()}
+    for raw in rows:
+        row = None if raw.data is None else _rename(raw.data, source.columns)
+        if row is None or all(row.get(column) in values for column, values in wanted.items()):
+            yield raw, row
 
 
 def _extra_column_problems(row: dict, where: str, seen: dict[str, tuple[str, str]]) -> list[str]:

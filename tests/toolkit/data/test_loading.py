@@ -213,6 +213,21 @@ def test_max_rows_keeps_the_first_rows(tmp_path):
     assert load_source(DataSource(path, max_rows=3), "text")["text"] == ["0", "1", "2"]
 
 
+def test_where_keeps_the_rows_of_a_family_and_max_rows_counts_those(tmp_path):
+    rows = [{"text": str(i), "task": ["a", "b", "c"][i % 3]} for i in range(12)]
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    assert load_source(DataSource(path, where={"task": "b"}), "text")["text"] == ["1", "4", "7", "10"]
+    assert load_source(DataSource(path, where={"task": ["a", "c"]}, max_rows=3), "text")["text"] == [
+        "0",
+        "2",
+        "3",
+    ]
+    renamed = DataSource(path, columns={"task": "family"}, where={"family": "c"})
+    assert load_source(renamed, "text")["text"] == ["2", "5", "8", "11"]
+    with pytest.raises(DataError, match=r"where is 'b'; expected a mapping from column"):
+        DataSource.from_dict({"path": path, "where": "b"}, "data.sources[0]")
+
+
 def test_an_edited_file_is_read_again(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "old"}])
     assert load_source(DataSource(path), "text")["text"] == ["old"]
