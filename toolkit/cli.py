@@ -1,5 +1,5 @@
-"""The `toolkit` command: one subcommand per job (train, sweep, methods, merge-adapter, arch, data, eval, export,
-serve, push).
+"""The `toolkit` command: one subcommand per job (train, sweep, methods, merge, merge-adapter, arch, data, eval,
+export, serve, push).
 
 eval, export, serve, push and `arch check` come from the eval and export packages, through the
 `forge_toolkit.cli` entry points.
@@ -17,6 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
+from toolkit.io import human_bytes
 
 CLI_ENTRY_POINTS = "forge_toolkit.cli"
 
@@ -55,10 +56,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
-
-
 def cmd_arch_list(args: argparse.Namespace) -> int:
     from toolkit.models import ARCHITECTURES, PRESETS, build_config, count_parameters
 
@@ -91,12 +88,14 @@ def cmd_arch_info(args: argparse.Namespace) -> int:
     print("  " + ", ".join(f"{k}={getattr(config, k)}" for k in shape if hasattr(config, k)))
     print(f"\nInference (weights + KV cache for one sequence of {estimate['context']} tokens):")
     for dtype, parts in estimate["inference"].items():
-        print(f"  {dtype:<9} weights {_gib(parts['weights']):>11}   kv cache {_gib(parts['kv_cache']):>11}")
+        print(
+            f"  {dtype:<9} weights {human_bytes(parts['weights']):>11}   kv cache {human_bytes(parts['kv_cache']):>11}"
+        )
     print("\nFull training with AdamW (activations not included):")
     for regime, parts in estimate["training"].items():
         print(
-            f"  {regime:<10} weights {_gib(parts['weights']):>11}  grads {_gib(parts['gradients']):>11}  "
-            f"optimizer {_gib(parts['optimizer']):>11}  total {_gib(parts['total']):>11}"
+            f"  {regime:<10} weights {human_bytes(parts['weights']):>11}  grads {human_bytes(parts['gradients']):>11}  "
+            f"optimizer {human_bytes(parts['optimizer']):>11}  total {human_bytes(parts['total']):>11}"
         )
     return 0
 
@@ -173,6 +172,40 @@ def cmd_merge_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """A mergekit config (or ours: dfs) run through mergekit, checked and reported (toolkit.merge)."""
+    from toolkit.merge.config import read_config
+    from toolkit.merge.run import format_report, merge_documents
+
+    report = merge_documents(
+        read_config(args.config),
+        args.out,
+        seed=args.seed,
+        allow_crimes=args.allow_crimes,
+        trust_remote_code=args.trust_remote_code,
+        where=args.config,
+    )
+    print(json.dumps(vars(report), indent=2, default=str) if args.json else format_report(report))
+    return 0
+
+
+def cmd_evolve(args: argparse.Namespace) -> int:
+    """Merge recipes evolved over a set of models (toolkit.merge.evolve)."""
+    from toolkit.merge.config import read_config
+    from toolkit.merge.evolve import evolve, parse_options, report_table
+
+    documents = read_config(args.config)
+    if len(documents) != 1:
+        raise ToolkitError(
+            f"{args.config}: one YAML document (models, base_model, generations, fitness, ...)"
+        )
+    state = evolve(parse_options(documents[0], args.config), Path(args.out), resume=args.resume)
+    print()
+    print(report_table(state))
+    print(f"champion: {state['champion']['folder']}; {Path(args.out) / 'plots' / 'fitness.png'}")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from toolkit import recipe as recipes
     from toolkit.sweep import parse_grid, run_sweep, sweep_table
@@ -243,6 +276,40 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--prompt", action="append", help="a prompt the drift is measured on (repeatable)")
     merge.add_argument("--json", action="store_true", help="print the report as JSON")
     merge.set_defaults(func=cmd_merge_adapter)
+
+    merge_models = commands.add_parser(
+        "merge",
+        help="merge models with a mergekit config (run through mergekit), or a dfs layer path",
+        description="A mergekit YAML config as it is (its methods, keys and tokenizer handling), on Hub "
+        "checkpoints and the toolkit's architectures; `merge_method: dfs` merges a path of layers with input "
+        "scales. Inputs are checked before anything is written; the output is an HF folder with tokenizer, "
+        "chat template, README.md card and merge_report.json.",
+    )
+    merge_models.add_argument("config", help="merge config YAML (mergekit's format)")
+    merge_models.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    merge_models.add_argument("--seed", type=int, help="random seed (DARE, DELLA and other sampling methods)")
+    merge_models.add_argument(
+        "--allow-crimes", action="store_true", help="mergekit's: allow inputs of different architectures"
+    )
+    merge_models.add_argument(
+        "--trust-remote-code", action="store_true", help="allow inputs whose code lives in their folder"
+    )
+    merge_models.add_argument("--json", action="store_true", help="print the report as JSON")
+    merge_models.set_defaults(func=cmd_merge)
+
+    evolve = commands.add_parser(
+        "evolve",
+        help="evolve merge recipes over a set of models, scored by the eval suite",
+        description="A population of three-step merge recipes (linear|slerp, ties|dare_ties, frankenmerge|dfs) "
+        "evolved from Agent Forge's 8 starting combinations (or by CMA-ES), resumable; writes evolve.json, "
+        "evaluations.jsonl, report.md, plots/fitness.png and the champion (an HF folder with its merge.yaml).",
+    )
+    evolve.add_argument(
+        "config", help="evolution YAML (models, base_model, generations, population, fitness, ...)"
+    )
+    evolve.add_argument("--out", required=True, help="evolution folder")
+    evolve.add_argument("--resume", action="store_true", help="continue an interrupted evolution")
+    evolve.set_defaults(func=cmd_evolve)
 
     runs = commands.add_parser(
         "runs",

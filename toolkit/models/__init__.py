@@ -30,6 +30,7 @@ register_architecture(
         sequence_classification="toolkit.models.decoder.modeling_decoder:DecoderForSequenceClassification",
         adapter_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         plan_module="toolkit.models.decoder.export_plan",
+        residual_writers=("self_attn.o_proj", "mlp.down_proj"),
         description="Llama-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention",
     ),
     [
@@ -78,6 +79,7 @@ register_architecture(
         sequence_classification="toolkit.models.prometheus.modeling_prometheus:PrometheusForSequenceClassification",
         adapter_targets=("qkv_proj", "o_proj", "up_proj", "down_proj"),
         plan_module="toolkit.models.prometheus.export_plan",
+        residual_writers=("self_attn.o_proj", "mlp.down_proj"),
         description="GPT-2-style decoder: learned positions, pre-norm LayerNorm, GELU MLP, biased attention",
     ),
     [
@@ -110,6 +112,7 @@ register_architecture(
         sequence_classification="toolkit.models.codette.modeling_codette:CodetteForSequenceClassification",
         adapter_targets=("q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"),
         plan_module="toolkit.models.codette.export_plan",
+        residual_writers=("self_attn.o_proj", "mlp.c_proj"),
         description="RoPE decoder: pre-norm LayerNorm, biased multi-head attention, 4x GELU MLP, tied embeddings",
     ),
     [

@@ -49,6 +49,11 @@ class Architecture:
     adapter_targets: tuple[str, ...] = ()
     # Module whose import registers the architecture's export plan (toolkit/models/plans.py), if any.
     plan_module: str | None = None
+    # The linear layers of a block that write into the residual stream (attention output, MLP output), by
+    # name inside the block. In a pre-norm block with a final norm, scaling a block's input by w equals
+    # scaling these layers (weight and bias) of it and of every later block by 1/w: how a DFS merge's layer
+    # scales become ordinary weights (toolkit/merge/dfs.py). Empty: the architecture takes no DFS merge.
+    residual_writers: tuple[str, ...] = ()
 
     @property
     def config_class(self) -> type[PreTrainedConfig]:
