@@ -114,8 +114,10 @@ class EvolveOptions:
                 + (f" (did you mean '{guess}'?)" if guess else "")
                 + "; one of genetic, cma"
             )
-        if self.population < 2 or not 0 <= self.elite < self.population:
-            raise ValueError("population >= 2 and 0 <= elite < population")
+        if self.population < 2:
+            raise ValueError(f"population: {self.population}; at least 2")
+        if not 0 <= self.elite < self.population:
+            raise ValueError(f"elite: {self.elite}; from 0 to population - 1 ({self.population - 1})")
         if self.generations < 1:
             raise ValueError("generations >= 1")
         self.fitness = dataclasses.asdict(FitnessOptions(**self.fitness))

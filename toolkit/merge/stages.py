@@ -22,6 +22,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from toolkit.errors import nearest
 from toolkit.stages import StageContext, StageKind, StageOutcome, find_earlier, get_stage, register_stage
 
 
@@ -52,12 +53,16 @@ def _stage_problem(recipe: Any, stage: Any, name: str) -> str | None:
         return None if get_stage(ref.stage.method).produces_model else f"stage '{name}' makes no model"
     if ref.later:
         return f"stage '{name}' runs later (earlier: {', '.join(ref.earlier) or 'none'})"
+    if Path(name).exists():
+        return None
+    earlier = ", ".join(ref.earlier) or "none"
+    # A bare name is read as a stage name (Hub ids are org/name): a misspelt stage is the likely mistake.
+    if "/" not in name:
+        guess = nearest(name, ref.earlier)
+        hint = f" (did you mean '{guess}'?)" if guess else ""
+        return f"'{name}' is no earlier stage{hint} (earlier: {earlier}) and no folder"
     problem = local_path_problem(name, folder=True)
-    return (
-        f"'{name}' is no earlier stage ({', '.join(ref.earlier) or 'none'}) and {problem}"
-        if problem
-        else None
-    )
+    return f"'{name}' is no earlier stage (earlier: {earlier}) and {problem}" if problem else None
 
 
 def merge_preflight(stage: Any, at: str, problems: Any, recipe: Any = None) -> None:
