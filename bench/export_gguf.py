@@ -110,15 +110,19 @@ def build_checkpoint(work: Path) -> tuple[Path, Path]:
         torch.manual_seed(0)
         config = build_config("decoder-125m", eos_token_id=tokenizer.eos_token_id)
         DecoderForCausalLM(config).save_pretrained(ours)
-    theirs = work / "decoder-125m-as-llama"
-    theirs.mkdir(exist_ok=True)
+    return ours, llama_view(ours, work / "decoder-125m-as-llama")
+
+
+def llama_view(ours: Path, view: Path) -> Path:
+    """`view`: the files of the decoder checkpoint `ours` (symlinks) under a config naming it Llama."""
+    view.mkdir(exist_ok=True)
     for item in ours.iterdir():
-        if item.name != "config.json" and not (theirs / item.name).exists():
-            (theirs / item.name).symlink_to(item)
+        if item.name != "config.json" and not (view / item.name).exists():
+            (view / item.name).symlink_to(item)
     config = json.loads((ours / "config.json").read_text())
     config.update(model_type="llama", architectures=["LlamaForCausalLM"])
-    (theirs / "config.json").write_text(json.dumps(config, indent=2))
-    return ours, theirs
+    (view / "config.json").write_text(json.dumps(config, indent=2))
+    return view
 
 
 def measure(command: list[str], work: Path) -> tuple[float, float]:

@@ -602,7 +602,8 @@ class Evolution:
             "beats_every_parent": all(record["fitness"] > f for f in parents.values()),
         }
         state["combinations_used"] = sorted({r["combination"] for r in self.evaluations.values()})
-        write_text(self.out / "report.md", report_table(state))
+        for folder in (self.out, champion):  # the champion carries how it was found
+            write_text(folder / "report.md", report_table(state))
 
 
 class CMA:

@@ -145,7 +145,14 @@ def run_evolve_stage(ctx: StageContext) -> StageOutcome:
             resolve=resolve,
             resume=ctx.resume,
         )
-        return StageOutcome(final=ctx.folder.final, details={"champion": state["champion"]})
+        from toolkit.merge.evolve import report_table
+
+        # Under "report", the run's summary prints the table whole, as an evaluate stage's.
+        return StageOutcome(
+            final=ctx.folder.final,
+            eval={"report": report_table(state), "champion": state["champion"]},
+            details={"champion": state["champion"]},
+        )
     return StageOutcome(final=ctx.folder.final)
 
 

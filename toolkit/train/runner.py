@@ -176,7 +176,8 @@ def run(
         evaluation = outcome.eval
         if hook is not None:
             if state.is_main_process:
-                evaluation = resolve(hook.run)(context, outcome, stage.eval)
+                # What the stage reported itself (e.g. an evolution's table) stays beside the section's measures.
+                evaluation = {**(outcome.eval or {}), **resolve(hook.run)(context, outcome, stage.eval)}
                 if before is not None:
                     evaluation = {**evaluation, "before": before}
             state.wait_for_everyone()
