@@ -165,13 +165,19 @@ def references(raw: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any] | list
                 yield f"slices[{i}].sources[{j}].model", src, "model"
 
 
+def _missing(name: str) -> str | None:
+    """Why `name` is neither a local folder nor a Hub id (None when it may be a Hub id)."""
+    from toolkit.data.loading import local_path_problem  # imports `datasets`: only for names not found here
+
+    return local_path_problem(name, folder=True)
+
+
 def resolve_inputs(
     raw: dict[str, Any], resolve: Callable[[str, str], str] | None = None, base_dir: Path | None = None
 ) -> tuple[dict[str, Any], list[str]]:
     """The config with every model reference made a path mergekit reads (a run or stage folder becomes its
     model folder; `resolve(name, where)` may map other names, e.g. a recipe's stage names), and the problems:
     a reference that is neither an existing folder nor a Hub id."""
-    from toolkit.data.loading import local_path_problem
     from toolkit.run_folder import model_folder_of
 
     raw = copy.deepcopy(raw)
@@ -191,7 +197,7 @@ def resolve_inputs(
                 except ToolkitError as error:
                     problems.append(f"{where}: {error}")
                     continue
-            elif (problem := local_path_problem(name, folder=True)) is None:
+            elif (problem := _missing(name)) is None:
                 mapped = name  # a Hub id, read by mergekit (and the preflight) from the Hub
             else:
                 problems.append(f"{where}: {name}: {problem} (nor a Hub id 'org/name')")

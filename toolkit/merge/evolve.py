@@ -66,9 +66,9 @@ class FitnessOptions:
     perplexity: str | None = field(default=None, metadata={"input": "file"})  # held-out text
     perplexity_limit: int | None = 32  # texts
     max_new_tokens: int = 16
-    # accuracy: exact match, mean over families; likelihood: exp(-answer NLL), the right answer's mean
-    # per-token probability (moves before accuracy does); perplexity: the best parent's perplexity over the
-    # candidate's (1.0 = as good as the best parent).
+    # accuracy: exact match, mean over families; likelihood: exp(-answer NLL per token, mean over families),
+    # the right answers' geometric-mean token probability (it moves before accuracy does); perplexity: the
+    # best parent's perplexity over the candidate's (1.0 = as good as the best parent).
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "likelihood": 1.0})
 
     def __post_init__(self) -> None:
@@ -347,50 +347,65 @@ class Fitness:
         self.options = options
         self.weights = options["weights"]
         self.reference_perplexity: float | None = None
-        self.rows_file: Path | None = None
+        self._workdir = Path(tempfile.mkdtemp(prefix="forge-fitness-"))
+        # One rows file per task family: each family counts the same, whatever its answers' length.
+        self.families: dict[str, Path] = {}
         if options["tasks"]:
             rows = read_jsonl(options["tasks"])
-            families = options["families"] or sorted({r.get("task", "all") for r in rows})
-            unknown = [f for f in families if f not in {r.get("task") for r in rows}]
+            present = sorted({r.get("task", "all") for r in rows})
+            unknown = [f for f in options["families"] if f not in present]
             if unknown:
-                raise ToolkitError(f"fitness.families: {unknown} not in {options['tasks']}")
-            kept = []
-            for family in families:
-                kept += [r for r in rows if r.get("task") == family][: options["limit"]]
-            self._workdir = Path(tempfile.mkdtemp(prefix="forge-fitness-"))
-            self.rows_file = self._workdir / "tasks.jsonl"
-            self.rows_file.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            self.families = families
+                raise ToolkitError(
+                    f"fitness.families: {unknown} not in {options['tasks']} (it has {present})"
+                )
+            for family in options["families"] or present:
+                kept = [r for r in rows if r.get("task", "all") == family][: options["limit"]]
+                path = self._workdir / f"{family}.jsonl"
+                path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+                self.families[family] = path
         self.texts_file: Path | None = None
         if options["perplexity"]:
             texts = read_jsonl(options["perplexity"])[: options["perplexity_limit"]]
-            self._workdir = getattr(self, "_workdir", None) or Path(tempfile.mkdtemp(prefix="forge-fitness-"))
             self.texts_file = self._workdir / "texts.jsonl"
             self.texts_file.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in texts))
 
-    def measure(self, folder: Path) -> dict[str, Any]:
-        """The raw measures of the model in `folder`."""
-        from toolkit.stages import StageOutcome, resolve
+    def _run(self, outcome: Any, tasks: Path | None, perplexity: Path | None) -> dict[str, Any]:
+        from toolkit.stages import resolve
 
         spec = dataclasses.asdict(
             resolve(self.hook.schema)(
-                tasks=str(self.rows_file) if self.rows_file else None,
-                perplexity=str(self.texts_file) if self.texts_file else None,
+                tasks=str(tasks) if tasks else None,
+                perplexity=str(perplexity) if perplexity else None,
                 max_new_tokens=self.options["max_new_tokens"],
                 batch_size=64,
                 samples=0,
             )
         )
-        result = resolve(self.hook.run)(None, StageOutcome(final=folder), spec) or {}
+        return resolve(self.hook.run)(None, outcome, spec) or {}
+
+    def measure(self, folder: Path) -> dict[str, Any]:
+        """The raw measures of the model in `folder`: per family, exact-match accuracy and the right answers'
+        NLL per token; their means; perplexity on the held-out text."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from toolkit.models import register_auto_classes
+        from toolkit.stages import StageOutcome
+
+        register_auto_classes()
+        model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True).eval()
+        outcome = StageOutcome(final=folder, model=model, tokenizer=AutoTokenizer.from_pretrained(folder))
         measures: dict[str, Any] = {}
-        if "tasks" in result:
-            per_task = result["tasks"]["per_task"]
-            measures["accuracy"] = statistics.fmean(per_task.get(f, 0.0) for f in self.families)
-            measures["per_task"] = per_task
-            measures["answer_nll"] = result["tasks"]["answer_nll"]
-            measures["likelihood"] = math.exp(-result["tasks"]["answer_nll"])
-        if "perplexity" in result:
-            ppl = result["perplexity"]
+        if self.families:
+            results = {f: self._run(outcome, path, None)["tasks"] for f, path in self.families.items()}
+            measures["per_task"] = {f: r["accuracy"] for f, r in results.items()}
+            measures["per_task_nll"] = {f: r["answer_nll"] for f, r in results.items()}
+            measures["accuracy"] = statistics.fmean(measures["per_task"].values())
+            measures["answer_nll"] = statistics.fmean(measures["per_task_nll"].values())
+            # The union's cross-entropy with each family weighted alike: forgetting one skill costs as much
+            # as knowing another gains (a mean of per-family likelihoods would let one strong skill carry it).
+            measures["likelihood"] = math.exp(-measures["answer_nll"])
+        if self.texts_file is not None:
+            ppl = self._run(outcome, None, self.texts_file)["perplexity"]
             measures["perplexity_value"] = ppl["perplexity"] if isinstance(ppl, dict) else float(ppl)
         return measures
 
@@ -403,8 +418,7 @@ class Fitness:
         return sum(w * scores[k] for k, w in used.items()) / sum(used.values())
 
     def close(self) -> None:
-        if getattr(self, "_workdir", None):
-            shutil.rmtree(self._workdir, ignore_errors=True)
+        shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 def _layers(folder: str) -> int:
@@ -654,29 +668,48 @@ def _tuples(value: Any) -> Any:
 
 def report_table(state: dict[str, Any]) -> str:
     """Parents, the best starting combination and the champion, side by side."""
-    lines = ["| model | fitness | accuracy | likelihood | perplexity |", "|---|---|---|---|---|"]
+    lines = [
+        "| model | fitness | accuracy | answer nll | likelihood | perplexity |",
+        "|---|---|---|---|---|---|",
+    ]
 
     def row(name: str, fitness: float, measures: dict[str, Any]) -> str:
-        def fmt(key: str) -> str:
+        def fmt(key: str, digits: int = 4) -> str:
             value = measures.get(key)
-            return "-" if value is None else f"{value:.4f}" if key != "perplexity_value" else f"{value:.2f}"
+            return "-" if value is None else f"{value:.{digits}f}"
 
-        return f"| {name} | {fitness:.4f} | {fmt('accuracy')} | {fmt('likelihood')} | {fmt('perplexity_value')} |"
+        cells = [fmt("accuracy"), fmt("answer_nll", 3), fmt("likelihood"), fmt("perplexity_value", 2)]
+        return f"| {name} | {fitness:.4f} | " + " | ".join(cells) + " |"
 
     for name, parent in state["parents"].items():
         label = Path(name).parent.name if Path(name).name == "final" else name
         role = "base" if name == state.get("base_folder") else "parent"
         lines.append(row(f"{role} {label}", parent["fitness"], parent["measures"]))
     initial = state["initial_best"]
-    lines.append(f"| best starting combination ({initial['combination']}) | {initial['fitness']:.4f} | | | |")
+    lines.append(
+        f"| best starting combination ({initial['combination']}) | {initial['fitness']:.4f} | | | | |"
+    )
     champion = state["champion"]
     lines.append(row(f"champion ({champion['combination']})", champion["fitness"], champion["measures"]))
     gain = champion["gain_over_best_parent_pct"]
-    lines.append("")
-    lines.append(
+    lines += [
+        "",
         f"Fitness gain over the best parent: {gain:+.1f}%; over the best starting combination: "
-        f"{champion['gain_over_initial_best_pct']:+.1f}%. Combinations tried: {len(state['combinations_used'])} of 8."
-    )
+        f"{champion['gain_over_initial_best_pct']:+.1f}%. Combinations tried: {len(state['combinations_used'])} of "
+        "8. Answer nll: nats per token of the right answers, mean over the task families (lower is better).",
+    ]
+    per_family = {n: p["measures"].get("per_task_nll") for n, p in state["parents"].items()}
+    per_family["champion"] = champion["measures"].get("per_task_nll")
+    if all(per_family.values()):
+        families = list(per_family["champion"])
+        lines += [
+            "",
+            "| answer nll by family | " + " | ".join(families) + " |",
+            "|---" * (len(families) + 1) + "|",
+        ]
+        for name, values in per_family.items():
+            label = Path(name).parent.name if Path(name).name == "final" else name
+            lines.append(f"| {label} | " + " | ".join(f"{values[f]:.2f}" for f in families) + " |")
     return "\n".join(lines) + "\n"
 
 
