@@ -9,7 +9,9 @@ from pathlib import Path
 def run_serve(args: argparse.Namespace) -> int:
     from export.serve import format_command, run, serve_command
 
-    argv = serve_command(args.src, host=args.host, port=args.port, max_model_len=args.max_model_len)
+    argv = serve_command(
+        args.src, host=args.host, port=args.port, max_model_len=args.max_model_len, adapters=args.lora
+    )
     print(format_command(argv), flush=True)
     if args.run:
         run(argv)
@@ -36,6 +38,13 @@ def register_top_level(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default=None, help="address to bind (default: vLLM's, every interface)")
     serve.add_argument("--port", type=int, default=None, help="default: vLLM's (8000)")
     serve.add_argument("--max-model-len", type=int, default=None, help="default: the model's context length")
+    serve.add_argument(
+        "--lora",
+        action="append",
+        metavar="NAME=ADAPTER",
+        help="serve a LoRA adapter folder (a run's final/) as NAME beside the model, as it is (repeatable); "
+        "one vLLM cannot load is refused, saying why",
+    )
     serve.set_defaults(func=run_serve)
 
     push = commands.add_parser("push", help="upload an export, its GGUF files and a model card to the Hub")

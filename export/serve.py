@@ -16,20 +16,15 @@ from pathlib import Path
 
 from toolkit.errors import ExportError
 
-# `--max-lora-rank` takes one of these values; the adapter's rank is rounded up to the next.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def lora_rank(rank: int) -> int:
-    """The `--max-lora-rank` (`max_lora_rank`) vLLM accepts for an adapter of rank `rank`."""
-    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
-
 
 def find_export(src: str | Path) -> Path:
     """The exported folder SRC names: SRC itself, or SRC/vllm for a run folder."""
     src = Path(src)
     for folder in (src, src / "vllm"):
-        if (folder / "config.json").exists() or (folder / "adapter" / "adapter_config.json").exists():
+        if any(
+            (folder / name).exists()
+            for name in ("config.json", "adapter/adapter_config.json", "merged/config.json")
+        ):
             return folder
     raise ExportError(
         f"{src} holds no vLLM export (config.json, or base/ + adapter/); run `toolkit export vllm {src}` first"
@@ -59,11 +54,16 @@ def serve_command(
     host: str | None = None,
     port: int | None = None,
     max_model_len: int | None = None,
+    adapters: list[str] | None = None,
 ) -> list[str]:
-    """The `vllm serve` argv for the export at SRC."""
+    """The `vllm serve` argv for the export at SRC; `adapters` ("NAME=FOLDER") are LoRA adapters served
+    beside it as they are (each checked against vLLM's LoRA rules first: `toolkit merge-adapter`'s verdict)."""
+    from toolkit.train.adapters import adapter_tensors, lora_rank, vllm_verdict
+
     folder = find_export(src).resolve()
     lora = (folder / "adapter" / "adapter_config.json").exists()
-    model_dir = folder / "base" if lora else folder
+    # A LoRA export serves base + adapter; one whose adapter vLLM cannot load has only merged/.
+    model_dir = folder / "base" if lora else folder / "merged" if (folder / "merged").is_dir() else folder
     if not (model_dir / "config.json").exists():
         raise ExportError(f"{model_dir} has no config.json; the export looks incomplete, export it again")
     config = json.loads((model_dir / "config.json").read_text())
@@ -82,10 +82,20 @@ def serve_command(
     ]
     if "auto_map" in config:
         argv.append("--trust-remote-code")
-    if lora:
-        adapter = json.loads((folder / "adapter" / "adapter_config.json").read_text())
-        argv += ["--enable-lora", "--lora-modules", f"adapter={folder / 'adapter'}"]
-        argv += ["--max-lora-rank", str(lora_rank(adapter.get("r", 8)))]
+    modules = {"adapter": folder / "adapter"} if lora else {}
+    for item in adapters or []:
+        name, _, path = item.partition("=")
+        if not name or not path or not (Path(path) / "adapter_config.json").exists():
+            raise ExportError(f"--lora {item}: give NAME=FOLDER, a folder holding adapter_config.json")
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        verdict = vllm_verdict(config, adapter_tensors(Path(path)))
+        if verdict.startswith("no"):
+            raise ExportError(f"--lora {item}: {verdict.removeprefix('no: ')}")
+        modules[name] = Path(path).resolve()
+    if modules:
+        ranks = [json.loads((p / "adapter_config.json").read_text()).get("r", 8) for p in modules.values()]
+        argv += ["--enable-lora", "--lora-modules", *(f"{n}={p}" for n, p in modules.items())]
+        argv += ["--max-lora-rank", str(lora_rank(max(ranks)))]
     if host:
         argv += ["--host", host]
     if port:

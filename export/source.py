@@ -93,7 +93,12 @@ def merge_lora(adapter_dir: Path, name: str, run_dir: Path | None, prompts: list
         folder=merged,
         name=name,
         run_dir=run_dir,
-        lora={"base": report.base, "adapter": str(adapter_dir), "merge_drift_max_abs": report.drift_max_abs},
+        lora={
+            "base": report.base,
+            "adapter": str(adapter_dir),
+            "merge_drift_max_abs": report.drift_max_abs,
+            "vllm": report.consumers["vllm"],  # whether vLLM's LoRA loader takes the adapter as it is
+        },
         license=_license(adapter_dir) or _license(Path(report.base)),
         _tmp=tmp,
     )

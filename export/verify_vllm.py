@@ -238,7 +238,7 @@ def verify_in_vllm(
     required, routes = routes_for(form)
     lora = None
     if adapter is not None:
-        from export.serve import lora_rank
+        from toolkit.train.adapters import lora_rank
 
         config = json.loads((adapter / "adapter_config.json").read_text())
         lora = {"path": str(adapter), "rank": lora_rank(config.get("r", 8))}

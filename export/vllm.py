@@ -12,7 +12,9 @@ The architecture's export plan (`toolkit.models.plans.VLLMPlan`) says which of t
 Either way the folder holds safetensors weights (sharded past `max_shard_size`) in a dtype vLLM accepts,
 `generation_config.json` whose eos lists every end-of-turn token, the tokenizer files and the chat template.
 A LoRA run gives `merged/` (the merged model), `adapter/` (for `vllm serve --enable-lora --lora-modules`) and
-`base/` (the adapter's base, rewritten the same way so that vLLM can load it). The folder is built under a
+`base/` (the adapter's base, rewritten the same way so that vLLM can load it); an adapter vLLM's LoRA loader
+refuses (whole embedding rows after added tokens, DoRA, LoRA biases) gives `merged/` only, and the report
+says why. The folder is built under a
 temporary name beside its target and renamed into place; verification (`export/verify_hf.py`) runs in a clean
 process before the rename and its figures go to `export_report.json`.
 """
@@ -472,7 +474,13 @@ def export_vllm(
                 "max_shard_size": max_shard_size,
                 "lora": lora,
             }
-            if lora:
+            # An adapter vLLM's LoRA loader refuses (whole embedding rows, DoRA, LoRA biases: the merge's
+            # verdict) is served merged only; base/ + adapter/ would be a folder vLLM cannot load.
+            servable = bool(lora) and lora["vllm"].startswith("yes")
+            if lora and not servable:
+                report["layout"] = {"merged": "merged"}
+                report["adapter"] = f"not written: {lora['vllm'].removeprefix('no: ')}"
+            elif lora:
                 write_model_folder(base, tmp / "base", route, dtype, max_shard_size, tokenizer_from=base)
                 write_adapter(Path(lora["adapter"]), tmp / "adapter", route, final / "base")
                 report["layout"] = {"merged": "merged", "base": "base", "adapter": "adapter"}
@@ -492,7 +500,7 @@ def export_vllm(
                 }
                 if in_vllm:
                     checks["vllm"] = verify_in_vllm(model_dir, model_source, form=route.form, python=python)
-                if lora:
+                if servable:
                     adapter_source = source_reference(base, dtype, Path(lora["adapter"]), vllm_rows=in_vllm)
                     checks["adapter"] = verify_folder(
                         tmp / "base",
@@ -523,8 +531,8 @@ def export_vllm(
             seconds=report["seconds"],
             report=report,
             model_dir=out_path / "merged" if lora else out_path,
-            adapter_dir=out_path / "adapter" if lora else None,
-            base_dir=out_path / "base" if lora else None,
+            adapter_dir=out_path / "adapter" if servable else None,
+            base_dir=out_path / "base" if servable else None,
         )
     finally:
         source.cleanup()

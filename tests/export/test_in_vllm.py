@@ -169,14 +169,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def served(src: Path, log: Path):
-    """`toolkit serve SRC --run` on 127.0.0.1 (the real `vllm serve` it becomes), ready on `/health`; its
-    process group is stopped on the way out, whatever happened inside."""
+def served(src: Path, log: Path, *options: str):
+    """`toolkit serve SRC --run [OPTIONS]` on 127.0.0.1 (the real `vllm serve` it becomes), ready on
+    `/health`; its process group is stopped on the way out, whatever happened inside."""
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     with log.open("w") as out:
         server = subprocess.Popen(
-            [TOOLKIT, "serve", str(src), "--run", "--host", "127.0.0.1", "--port", str(port)],
+            [TOOLKIT, "serve", str(src), "--run", "--host", "127.0.0.1", "--port", str(port), *options],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -272,3 +272,72 @@ def test_served_adapter_answers_as_the_merged_model(chat_base, tmp_path):
     assert (adapter_text, adapter_finish) == (merged_reply, "stop")
     assert (base_text, base_finish) == ("42.", "stop")
     shutil.rmtree(out)
+
+
+def test_merge_adapter_verdicts_hold_in_vllm(chat_base, tmp_path):
+    """`toolkit merge-adapter`'s verdict on who takes an adapter folder, checked in vLLM itself. "yes": the
+    adapter as the run wrote it, served beside the base's export (`toolkit serve BASE --lora NAME=ADAPTER`),
+    answers as the merged folder does in transformers. "no" (whole embedding and head rows, after added
+    tokens): `toolkit serve` refuses it, and vLLM, given the same flags directly, does not serve it either."""
+    from peft import LoraConfig, get_peft_model
+
+    from export.serve import serve_command
+    from export.verify_vllm import vllm_executable
+
+    base, tokenizer = chat_base
+    run = make_chat_lora_run(tmp_path, base, tokenizer, "forty-two.")
+    adapter = run / "lora" / "final"
+    report = json.loads(toolkit("merge-adapter", str(run), "--json").stdout)
+    assert report["consumers"]["vllm"] == "yes: --enable-lora --lora-modules NAME=ADAPTER --max-lora-rank 8"
+    merged = AutoModelForCausalLM.from_pretrained(run / "lora" / "merged", dtype=torch.float32).eval()
+    expected, ended = greedy_reply(merged, tokenizer)
+    assert ended and expected == "forty-two."
+    base_export = tmp_path / "base-vllm"
+    toolkit("export", "vllm", str(base), "--out", str(base_export), "--verify-in", "clean")
+    with served(base_export, tmp_path / "serve.log", "--lora", f"tuned={adapter}") as url:
+        assert set(listed_models(url)) == {base_export.name, "tuned"}
+        assert chat(url, "tuned")[:2] == (expected, "stop")
+
+    grown = tokenizer.__class__.from_pretrained(base)
+    grown.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model.resize_token_embeddings(len(grown), mean_resizing=False)
+    lora = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    whole = tmp_path / "whole-rows"
+    get_peft_model(model, lora).save_pretrained(whole)
+    grown.save_pretrained(whole)
+    report = json.loads(toolkit("merge-adapter", str(whole), "--base", str(base), "--json").stdout)
+    assert report["consumers"]["vllm"].startswith("no: vLLM's LoRA loads low-rank A/B weights")
+    refused = toolkit("serve", str(base_export), "--lora", f"whole={whole}", ok=False)
+    assert refused.returncode == 2 and "holds whole embedding/head rows" in refused.stderr
+
+    port = free_port()
+    argv = serve_command(base_export, gpus=0, host="127.0.0.1", port=port)
+    argv += ["--enable-lora", "--lora-modules", f"whole={whole}", "--max-lora-rank", "8"]
+    log = tmp_path / "whole.log"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [str(vllm_executable()), *argv[1:]],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        deadline, answer = time.monotonic() + SERVER_START_S, None
+        while server.poll() is None and time.monotonic() < deadline and answer is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
+                    answer = chat(f"http://127.0.0.1:{port}", "whole")
+            except OSError:
+                time.sleep(2)
+            except Exception as error:  # noqa: BLE001 - the adapter's request failing is the expected outcome
+                answer = error
+        exited = server.poll()  # None while it runs
+    finally:
+        stop_group(server)
+    # vLLM 0.32 refuses to start with it ("vLLM only supports modules_to_save being either None or
+    # ['classifier', 'score'] ..."); a version that started would have to fail the adapter's requests.
+    refusal = exited not in (None, 0) and "modules_to_save" in log.read_text()
+    assert isinstance(answer, Exception) or (answer is None and refusal), (answer, log.read_text()[-2000:])

@@ -91,7 +91,7 @@ def refuse_quantized(base: str, adapter: Path) -> PreTrainedConfig:
     return config
 
 
-def _adapter_tensors(adapter: Path) -> dict[str, tuple[int, ...]]:
+def adapter_tensors(adapter: Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor in the adapter's safetensors (no weights read)."""
     from safetensors import safe_open
 
@@ -121,7 +121,38 @@ def saved_rows(model: torch.nn.Module, tensors: dict[str, tuple[int, ...]]) -> i
     return None
 
 
-def _consumers(whole_rows: bool, resized: tuple[int, int] | None, config: dict[str, Any]) -> dict[str, str]:
+# `--max-lora-rank` takes one of these values; the adapter's rank is rounded up to the next.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank(rank: int) -> int:
+    """The `--max-lora-rank` (`max_lora_rank`) vLLM accepts for an adapter of rank `rank`."""
+    return next((r for r in VLLM_LORA_RANKS if r >= rank), VLLM_LORA_RANKS[-1])
+
+
+def vllm_verdict(config: dict[str, Any], tensors: dict[str, tuple[int, ...]]) -> str:
+    """Whether vLLM's LoRA loader takes an adapter as it is ("yes: <flags>") or not ("no: <why>; ..."),
+    by vLLM's own rules (vllm/lora/peft_helper.py, lora/models.py): low-rank A/B weights only;
+    modules_to_save only for a classifier/score head; no DoRA, no LoRA bias. Read from the adapter's config
+    and tensor names alone."""
+    extra = [m for m in config.get("modules_to_save") or [] if m not in ("classifier", "score")]
+    whole = [k for k in tensors if "lora_" not in k and not k.endswith(("score.weight", "classifier.weight"))]
+    if config.get("use_dora"):
+        blocker = "vLLM does not load DoRA adapters"
+    elif config.get("lora_bias"):
+        blocker = "vLLM does not load LoRA biases"
+    elif whole or extra:
+        blocker = "vLLM's LoRA loads low-rank A/B weights, and this adapter holds whole embedding/head rows"
+    else:
+        blocker = None
+    if blocker:
+        return f"no: {blocker}; serve the merged folder (toolkit export vllm MERGED)"
+    return f"yes: --enable-lora --lora-modules NAME=ADAPTER --max-lora-rank {lora_rank(config.get('r', 8))}"
+
+
+def _consumers(
+    resized: tuple[int, int] | None, config: dict[str, Any], tensors: dict[str, tuple[int, ...]]
+) -> dict[str, str]:
     """Who takes the adapter folder as it is (PEFT, vLLM's LoRA) and who needs the merged folder."""
     peft = "yes: PeftModel.from_pretrained(base, ADAPTER)"
     if resized:
@@ -129,24 +160,9 @@ def _consumers(whole_rows: bool, resized: tuple[int, int] | None, config: dict[s
             f"yes, after base.resize_token_embeddings({resized[1]}) (the adapter's vocabulary has "
             f"{resized[1]} rows, the base {resized[0]}): PeftModel.from_pretrained(base, ADAPTER)"
         )
-    # vLLM's own rules (vllm/lora/peft_helper.py): low-rank A/B weights only; modules_to_save only for a
-    # classifier/score head; no DoRA, no LoRA bias.
-    extra = [m for m in config.get("modules_to_save") or [] if m not in ("classifier", "score")]
-    if config.get("use_dora"):
-        blocker = "vLLM does not load DoRA adapters"
-    elif config.get("lora_bias"):
-        blocker = "vLLM does not load LoRA biases"
-    elif whole_rows or extra:
-        blocker = "vLLM's LoRA loads low-rank A/B weights, and this adapter holds whole embedding/head rows"
-    else:
-        blocker = None
-    if blocker:
-        vllm = f"no: {blocker}; serve the merged folder (toolkit export vllm MERGED)"
-    else:
-        vllm = f"yes: --enable-lora --lora-modules NAME=ADAPTER --max-lora-rank {config.get('r', 8)}"
     return {
         "peft": peft,
-        "vllm": vllm,
+        "vllm": vllm_verdict(config, tensors),
         "merged folder": "every consumer of a full model (export, vLLM, GGUF)",
     }
 
@@ -193,7 +209,7 @@ def merge_adapter(
         raise ToolkitError(f"the base {base_id} of the adapter {adapter} cannot be loaded: {error}") from None
     tokenizer_dir = adapter if (adapter / "tokenizer_config.json").exists() else Path(base_id)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tensors = _adapter_tensors(adapter)
+    tensors = adapter_tensors(adapter)
     base_rows = model.get_input_embeddings().num_embeddings
     rows = saved_rows(model, tensors)
     resized = None
@@ -221,7 +237,7 @@ def merge_adapter(
         drift_max_abs=drift,
         prompts=len(chosen),
         vocab_rows={"base": base_rows, **({"adapter": resized[1]} if resized else {})},
-        consumers=_consumers(rows is not None, resized, config),
+        consumers=_consumers(resized, config, tensors),
     )
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
