@@ -95,6 +95,8 @@ class EvolveOptions:
     tournament: int = 3
     mutation_rate: float = 0.3
     mutation_sigma: float = 0.15
+    # Agent Forge's target: below it, random immigrants replace the newest children (0 turns it off).
+    diversity_floor: float = 0.3
     strategy: str = "genetic"  # or cma
     seed: int = 0
     dtype: str = "float32"
@@ -326,11 +328,25 @@ def next_generation(
             # a light mutation keeps the slot a new candidate.
             merged = merge_genomes(losers[start : start + 3])
             children.append(mutate(merged, rng, options.mutation_rate, options.mutation_sigma / 2))
+    bred = len(children)
     while len(children) < population:
         a = tournament(scored, rng, options.tournament)
         b = tournament(scored, rng, options.tournament)
         children.append(mutate(crossover(a, b, rng), rng, options.mutation_rate, options.mutation_sigma))
+    # Below the diversity floor, the newest children give way to random immigrants (elite and merged losers
+    # stay): a population of near-clones has stopped searching.
+    replaceable = list(range(population - 1, bred - 1, -1))
+    while replaceable and diversity(children) < options.diversity_floor:
+        children[replaceable.pop(0)] = random_genome(children[0], rng)
     return children
+
+
+def random_genome(template: Genome, rng: random.Random) -> Genome:
+    """Uniform genes and a random technique per pair, of `template`'s sizes."""
+    child = template.with_vector([rng.random() for _ in template.vector()])
+    for pair, choices in PAIRS.items():
+        setattr(child, pair, rng.choice(choices))
+    return child
 
 
 class Fitness:

@@ -58,6 +58,15 @@ def test_a_generation_keeps_the_elite_merges_losers_and_stays_in_range():
     assert all(0.0 <= v <= 1.0 for child in children for v in child.vector())
 
 
+def test_random_immigrants_keep_the_population_above_the_diversity_floor():
+    options = EvolveOptions(models=["a", "b"], base_model="base", population=8, fitness={"tasks": "t.jsonl"})
+    clones = [(genome(1), float(i)) for i in range(8)]
+    children = next_generation(clones, options, random.Random(0))
+    assert diversity(children) >= 0.3 and children[:2] == [clones[0][0], clones[0][0]]
+    off = EvolveOptions(**{**options.__dict__, "diversity_floor": 0.0})
+    assert diversity(next_generation(clones, off, random.Random(0))) < 0.3
+
+
 def test_losers_merge_into_their_mean_and_majority():
     group = [
         genome(1, ("linear", "ties", "dfs")),
