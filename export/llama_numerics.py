@@ -10,6 +10,13 @@ logits differ from transformers' by more than that rounding, for two reasons rea
 - A matrix stored as F16 or BF16 is multiplied with activations first converted to that type (its
   `vec_dot_type`), the products summed in float32.
 
+A BitNet model (transformers' AutoBitLinear layers) computes each layer on its weights ternarized and its
+inputs quantized per token to 8 bits. llama.cpp multiplies what the file stores (the ternary weights, at their
+type) with the inputs quantized as that type's `vec_dot_type` says: not at all for F32, rounded to float16 for
+F16, per block of 32 to 8 bits with a float16 scale for Q8_0 (q = round(x · 127 / amax)), per block of 256
+for TQ1_0/TQ2_0 (Q8_K: q = min(127, round(-127 · x / m)), m the block's signed value of largest magnitude).
+`bitnet_numerics` gives the layers those weights and that input rounding instead.
+
 `llama_cpp_numerics` applies both to a loaded transformers model in place: the export is then compared with
 a model that rounds as llama.cpp does, and a tight bound proves the file exact, while the difference to the
 exact model is reported beside it as information. Only what is stored in the file is rounded: the types come
@@ -91,3 +98,83 @@ def llama_cpp_numerics(model: nn.Module, stored: Iterable[tuple[str, str]]) -> d
             module.register_forward_pre_hook(_round_inputs(rounded[id(module.weight)]))
             hooked += 1
     return {"gelu_tables": replaced, "rounded_matrices": len(rounded), "rounded_products": hooked}
+
+
+# Block size of the activation quantization llama.cpp uses for a weight type (its `vec_dot_type`).
+ACTIVATION_BLOCKS = {"Q8_0": ("q8_0", 32), "TQ1_0": ("q8_k", 256), "TQ2_0": ("q8_k", 256)}
+BITNET_TYPES = ("F32", "F16", "BF16", *ACTIVATION_BLOCKS)
+
+
+def quantize_activations(x: torch.Tensor, kind: str, block: int) -> torch.Tensor:
+    """Inputs as llama.cpp quantizes them for a matrix product (ggml-cpu quantize_row_q8_0 / q8_K_ref)."""
+    shape = x.shape
+    v = x.float().reshape(-1, block)
+    if kind == "q8_0":
+        amax = v.abs().amax(-1, keepdim=True)
+        scale = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+        out = (v * scale).round() * (amax / 127.0).half().float()
+    else:
+        signed = v.gather(-1, v.abs().argmax(-1, keepdim=True))
+        iscale = torch.where(signed != 0, -127.0 / signed, torch.zeros_like(signed))
+        q = (iscale * v).round().clamp(max=127)
+        out = torch.where(iscale != 0, q / iscale, torch.zeros_like(v))
+    return out.reshape(shape).to(x.dtype)
+
+
+def _stored_weight(weight: torch.Tensor, qtype: str) -> torch.Tensor:
+    """The weight as the file holds it (gguf-py's quantizers are byte-identical to ggml's)."""
+    import gguf
+    import numpy as np
+
+    if qtype == "F32":
+        return weight
+    kind = gguf.GGMLQuantizationType[qtype]
+    data = weight.detach().float().numpy().astype(np.float32)
+    back = gguf.quants.dequantize(gguf.quants.quantize(data, kind), kind)
+    return torch.from_numpy(np.ascontiguousarray(back.reshape(weight.shape))).to(weight.dtype)
+
+
+@torch.no_grad()
+def bitnet_numerics(model: nn.Module, stored: Iterable[tuple[str, str]]) -> dict[str, int] | None:
+    """Make a BitNet `model`'s ternary layers compute as llama.cpp computes the file: each becomes a plain
+    linear layer holding its ternary weight as stored, its input rounded as llama.cpp rounds it for that
+    type. `stored`: (source tensor, GGUF type). None (nothing changed) when a layer is of a type not emulated."""
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    from toolkit.quantization.bitnet import ternarize
+
+    types = dict(stored)
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, AutoBitLinear)]
+    if any(types.get(f"{n}.weight") not in BITNET_TYPES for n, _ in layers):
+        return None
+    for name, module in layers:
+        qtype = types[f"{name}.weight"]
+        values, gamma = ternarize(module.weight)
+        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+        plain.weight.copy_(_stored_weight(values * gamma, qtype))
+        if module.bias is not None:
+            plain.bias.copy_(module.bias)
+        if qtype in ROUNDED_TYPES:
+            plain.register_forward_pre_hook(_round_inputs(ROUNDED_TYPES[qtype]))
+        elif qtype in ACTIVATION_BLOCKS:
+            kind, block = ACTIVATION_BLOCKS[qtype]
+            plain.register_forward_pre_hook(
+                lambda m, args, k=kind, b=block: (quantize_activations(args[0], k, b), *args[1:])
+            )
+        model.set_submodule(name, plain)
+    # The other matrices of a quantized type (an embedding or head stored Q8_0): their weights as stored,
+    # the inputs of their products rounded the same way. Float16 ones are llama_cpp_numerics' to round.
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    blocked: dict[int, tuple[str, int]] = {}
+    for source, qtype in types.items():
+        param = parameters.get(source)
+        if qtype in ACTIVATION_BLOCKS and param is not None and param.dim() == 2 and id(param) not in blocked:
+            param.copy_(_stored_weight(param, qtype))
+            blocked[id(param)] = ACTIVATION_BLOCKS[qtype]
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) in blocked:
+            kind, block = blocked[id(module.weight)]
+            module.register_forward_pre_hook(
+                lambda m, args, k=kind, b=block: (quantize_activations(args[0], k, b), *args[1:])
+            )
+    return {"bitnet_layers": len(layers), "quantized_matrices": len(blocked)}

@@ -62,6 +62,25 @@ BOUNDS: dict[str, dict[str, tuple[str, float]]] = {
     "q4_1": {"mean_kl": ("<=", 0.1)},
     "q4_k_m": {"mean_kl": ("<=", 0.1)},
 }
+# A BitNet source (ternary layers, 8-bit per-token activations in PyTorch) is compared with itself computed as
+# llama.cpp computes the file (export/llama_numerics.bitnet_numerics: the weights as stored, the inputs
+# quantized as each type's dot product quantizes them). Measured on briefly trained 2-layer decoders: max
+# |delta| f32 5.7e-6, f16 1.0e-3, q8_0 1.8e-2, tq1_0 and tq2_0 1.5e-4 to 2.1e-3 (an activation whose
+# computed value lands on the other side of a rounding step moves by one step: which ones depends on
+# summation order, so max |delta| moves with threads), mean KL at most 5e-9; against the PyTorch model as it
+# is (per-token activations) max |delta| 0.14-0.17, mean KL 3e-5 to 6e-5, reported beside. A TQ2_0 file
+# with one matrix's scales 10% off gives max |delta| 0.31, mean KL 2.9e-4 (tests/export/test_bitnet_export.py):
+# mean KL separates the two by five orders of magnitude, so it carries the check for quantized inputs.
+# Types without the emulation (K-quants) keep a KL and top-1 bound.
+BITNET_BOUNDS: dict[str, dict[str, tuple[str, float]]] = {
+    "f32": {"max_abs_logit_delta": ("<=", 5e-4), "mean_kl": ("<=", 1e-6)},
+    "f16": {"max_abs_logit_delta": ("<=", 5e-3), "mean_kl": ("<=", 1e-6)},
+    "bf16": {"max_abs_logit_delta": ("<=", 2.5e-2), "mean_kl": ("<=", 1e-5)},
+    "q8_0": {"mean_kl": ("<=", 1e-6), "max_abs_logit_delta": ("<=", 0.1)},
+    "tq1_0": {"mean_kl": ("<=", 1e-6), "max_abs_logit_delta": ("<=", 0.1)},
+    "tq2_0": {"mean_kl": ("<=", 1e-6), "max_abs_logit_delta": ("<=", 0.1)},
+    "unemulated": {"mean_kl": ("<=", 1e-3), "top1_agreement": (">=", 0.95)},
+}
 # Float files are compared with the source computed as llama.cpp computes it (export/llama_numerics.py).
 EMULATED = ("f32", "f16", "bf16")
 ALWAYS = {
@@ -138,11 +157,16 @@ def _greedy_llama(llm: Any, ids: list[int], steps: int) -> list[int]:
     return out
 
 
-def _checks(quant: str, measures: dict[str, float]) -> list[dict[str, Any]]:
+def _checks(quant: str, measures: dict[str, float], bitnet: str | None = None) -> list[dict[str, Any]]:
+    """Each bound checked; `bitnet` ("emulated", "unemulated") picks the bounds of a BitNet source."""
+    if bitnet == "emulated":
+        bounds = BITNET_BOUNDS.get(quant, BITNET_BOUNDS["unemulated"])
+    else:
+        bounds = BITNET_BOUNDS["unemulated"] if bitnet else BOUNDS.get(quant, {})
     checks = []
-    for name, (op, bound) in {**ALWAYS, **BOUNDS.get(quant, {})}.items():
+    for name, (op, bound) in {**ALWAYS, **bounds}.items():
         value = measures[name]
-        ok = value <= bound if op == "<=" else value == bound
+        ok = value <= bound if op == "<=" else value >= bound if op == ">=" else value == bound
         checks.append({"measure": name, "value": value, "bound": f"{op} {bound:g}", "ok": bool(ok)})
     return checks
 
@@ -170,7 +194,7 @@ def verify_gguf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from export.llama_cpp import llama_logits, load_for_verification, quiet
-    from export.llama_numerics import llama_cpp_numerics
+    from export.llama_numerics import bitnet_numerics, llama_cpp_numerics
     from toolkit.models import register_auto_classes
 
     register_auto_classes()  # the Auto classes resolve the toolkit's architectures
@@ -212,10 +236,22 @@ def verify_gguf(
     candidate_all = np.concatenate(candidate)
     exact = compare_logits(np.concatenate(source_logits()), candidate_all)
     emulated = None
-    if quant in EMULATED:
+    quantization = getattr(model.config, "quantization_config", None)
+    bitnet = getattr(quantization, "quant_method", None) == "bitnet" or (
+        isinstance(quantization, dict) and quantization.get("quant_method") == "bitnet"
+    )
+    stored = [(job.source, job.qtype.name) for job in jobs]
+    if bitnet:
+        # The BitNet layers (and any other matrix) with the weights and input rounding llama.cpp uses for the
+        # file's types, then the float16 roundings of the rest.
+        emulated = bitnet_numerics(model, stored)
+        if emulated is not None:
+            emulated.update(llama_cpp_numerics(model, stored))
+    elif quant in EMULATED:
         # Float files are held to the source as llama.cpp computes it (export/llama_numerics.py): what is
         # left is the file. The difference to the exact source is reported beside it.
-        emulated = llama_cpp_numerics(model, ((job.source, job.qtype.name) for job in jobs))
+        emulated = llama_cpp_numerics(model, stored)
+    if emulated:
         measures = compare_logits(np.concatenate(source_logits()), candidate_all)
         measures.update({f"{name}_exact": value for name, value in exact.items()})
     else:
@@ -230,7 +266,15 @@ def verify_gguf(
     with quiet():  # llama.cpp logs its buffers on release
         llm.close()
 
-    checks = _checks(quant, measures)
+    emulation = ("emulated" if emulated else "unemulated") if bitnet else None
+    checks = _checks(quant, measures, emulation)
+    reference = "source with llama.cpp's numerics" if emulated else "source"
+    if bitnet:
+        reference = (
+            "the BitNet source with llama.cpp's weights and input rounding"
+            if emulated
+            else "the BitNet source (ternary weights, 8-bit per-token activations)"
+        )
     return {
         "gguf": str(path),
         "source": str(folder),
@@ -239,7 +283,7 @@ def verify_gguf(
         "tokenizer_pre": vocab.pre,
         "prompts": len(prompts),
         "positions": int(len(candidate_all)),
-        "reference": "source with llama.cpp's numerics" if emulated else "source",
+        "reference": reference,
         "llama_cpp_numerics": emulated,
         "measures": measures,
         "checks": checks,

@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# transformers' BitNet layers wrap their quantizers in torch.compile, which on a CPU compiles C++ for about 30 s
+# in every process (and again for new shapes) for kernels of microseconds: the suite, and the processes it
+# starts, run them eagerly. The math is the same; the compiled path is transformers' own.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -348,11 +348,29 @@ def _parse_model(
 
 
 def _check_quantization(raw: Any, model: dict[str, Any], at: str, problems: Problems) -> None:
-    """`model.quantization`: keys of transformers' BitsAndBytesConfig, on a pretrained model (a preset starts
-    from random weights: nothing to quantize)."""
+    """`model.quantization`: `{method: bitnet, exclude: [...]}` (BitNet quantization-aware training, from a
+    preset too), or keys of transformers' BitsAndBytesConfig, on a pretrained model (a preset starts from
+    random weights: nothing to quantize)."""
+    import dataclasses
     import inspect
 
     from transformers import BitsAndBytesConfig
+
+    if isinstance(raw, dict) and "method" in raw:
+        from toolkit.quantization.bitnet import BitNetOptions
+
+        section = problems.mapping(raw, [f.name for f in dataclasses.fields(BitNetOptions)], at)
+        if section.get("method") != "bitnet":
+            guess = nearest(str(section.get("method")), ["bitnet"])
+            hint = " (did you mean 'bitnet'?)" if guess else ""
+            problems.add(
+                f"{at}.method: unknown quantization method {section.get('method')!r}{hint}; 'bitnet' for "
+                "ternary quantization-aware training, or no method and BitsAndBytesConfig keys for QLoRA"
+            )
+        exclude = section.get("exclude", [])
+        if not isinstance(exclude, list) or not all(isinstance(e, str) and e for e in exclude):
+            problems.add(f"{at}.exclude: give a list of module names or patterns, got {exclude!r}")
+        return
 
     valid = [
         k for k in inspect.signature(BitsAndBytesConfig.__init__).parameters if k not in ("self", "kwargs")

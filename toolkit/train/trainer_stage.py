@@ -223,11 +223,12 @@ def load_model(
         auto, extra = MODEL_CLASSES[model_class]
         for key, value in extra.items():
             setattr(config, key, value)
-        return auto.from_config(config)
-    if spec.get("quantization"):
+        return bitnet(auto.from_config(config), stage)
+    if spec.get("quantization") and not is_bitnet(stage):
         spec = {**spec, "quantization_config": quantization_config(stage)}
-    model = load_pretrained(
-        resolve_model_path(stage, run_dir), spec, f"stages.{stage.name}.model", model_class
+    model = bitnet(
+        load_pretrained(resolve_model_path(stage, run_dir), spec, f"stages.{stage.name}.model", model_class),
+        stage,
     )
     if spec.get("config"):
         raise RecipeError(f"stages.{stage.name}.model.config: config overrides apply only to a preset")
@@ -237,6 +238,27 @@ def load_model(
         model.resize_token_embeddings(
             len(tokenizer), pad_to_multiple_of=stage.model.get("pad_vocab_to_multiple_of")
         )
+    return model
+
+
+def is_bitnet(stage: Stage) -> bool:
+    return (stage.model.get("quantization") or {}).get("method") == "bitnet"
+
+
+def bitnet(model: PreTrainedModel, stage: Stage) -> PreTrainedModel:
+    """The model with BitNet's ternary linear layers when `model.quantization` asks for them
+    (toolkit.quantization.bitnet); a checkpoint already trained so reloads with them by itself."""
+    if not is_bitnet(stage):
+        return model
+    from toolkit.quantization.bitnet import to_bitnet
+
+    if (getattr(model.config, "quantization_config", None) or {}) and getattr(model, "hf_quantizer", None):
+        return model  # a BitNet checkpoint: transformers' quantizer restored its layers
+    converted = to_bitnet(model, stage.model["quantization"].get("exclude"))
+    print(
+        f"[{stage.name}] BitNet b1.58: {len(converted)} linear layers ternary (absmean), 8-bit activations",
+        flush=True,
+    )
     return model
 
 

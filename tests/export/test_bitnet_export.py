@@ -1,0 +1,116 @@
+"""Ternary GGUFs of a BitNet model: TQ2_0/TQ1_0 tensors that dequantize to exactly the layers' ternary values
+times their scale (at float16, the format's scale type), verified in llama.cpp against the PyTorch BitLinear
+model; a model that is not ternary is refused TQ types, naming its first tensor."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from export.gguf import export_gguf
+from tests.export.conftest import train_briefly, train_tokenizer
+from toolkit.errors import ExportError
+from toolkit.models import build_config, register_auto_classes
+from toolkit.quantization.bitnet import ternarize, to_bitnet
+
+LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def tiny(folder, bitnet: bool):
+    from transformers import AutoModelForCausalLM
+
+    register_auto_classes()
+    tokenizer = train_tokenizer("qwen2", folder)
+    torch.manual_seed(0)
+    config = build_config(
+        "decoder-tiny",
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    if bitnet:
+        to_bitnet(model)
+    train_briefly(model, tokenizer, steps=100)  # quantization-aware: the ternary layers train through STE
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bitnet_dir(tmp_path_factory):
+    return tiny(tmp_path_factory.mktemp("bitnet"), bitnet=True)
+
+
+@pytest.mark.parametrize("quant", ["tq2_0", "tq1_0"])
+def test_ternary_gguf_holds_the_trained_ternary_weights_and_runs(bitnet_dir, tmp_path, quant):
+    result = export_gguf(bitnet_dir, quant, tmp_path / f"m-{quant}.gguf")
+    assert result.ok, result.report["checks"]
+    assert result.report["reference"] == "the BitNet source with llama.cpp's weights and input rounding"
+    # Against the PyTorch model as it is (activations quantized per token) the gap is that rounding, reported.
+    measures = result.report["measures"]
+    assert measures["max_abs_logit_delta"] < measures["max_abs_logit_delta_exact"] / 10
+    types = result.tensor_types
+    assert {types[f"blk.{b}.{n}.weight"] for b in (0, 1) for n in LINEAR} == {quant.upper()}
+    assert types["token_embd.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
+
+    latent = load_file(bitnet_dir / "model.safetensors")
+    stored = {t.name: t for t in gguf.GGUFReader(result.path).tensors}
+    for name, source in (("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight"),):
+        tensor = stored[name]
+        got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(latent[source].shape)
+        values, gamma = ternarize(latent[source])
+        # The format keeps one float16 scale per block of 256: the trained γ, rounded to float16.
+        assert np.array_equal(got, (values.numpy() * np.float16(gamma)).astype(np.float32))
+
+
+def test_every_type_of_a_bitnet_model_computes_its_ternary_layers(bitnet_dir, tmp_path):
+    """An f32 file of a BitNet model holds the ternary weights the model uses, not its latent ones."""
+    result = export_gguf(bitnet_dir, "f32", tmp_path / "m.gguf")
+    assert result.ok, result.report["checks"]
+    stored = {t.name: np.array(t.data) for t in gguf.GGUFReader(result.path).tensors}
+    latent = load_file(bitnet_dir / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    values, gamma = ternarize(latent)
+    assert np.array_equal(stored["blk.0.ffn_up.weight"], (values * gamma).numpy())
+    assert result.report["measures"]["max_abs_logit_delta"] < 5e-4  # no activation rounding in f32 files
+
+
+def test_a_model_that_is_not_ternary_is_refused_tq_types(tmp_path):
+    folder = tiny(tmp_path / "plain", bitnet=False)
+    with pytest.raises(
+        ExportError,
+        match=r"tensor `model.layers.0.self_attn.k_proj.weight` is not ternary \(\d+ distinct values\)",
+    ):
+        export_gguf(folder, "tq2_0", tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_wrong_scale_in_the_file_fails_the_bound(bitnet_dir, tmp_path):
+    """The bounds catch a file that computes another model: one ternary matrix's scales off by 10%."""
+    from export import verify as verification
+    from export.gguf import Checkpoint, gguf_plan, plan_tensors
+    from export.tokenizer_gguf import read_vocab
+
+    result = export_gguf(bitnet_dir, "tq2_0", tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(result.path, "r+")
+    tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    blocks = tensor.data.view(np.uint8).reshape(
+        -1, 66
+    )  # TQ2_0 block: 64 bytes of 2-bit values, a float16 scale
+    scales = blocks[:, 64:66].copy().view(np.float16)
+    blocks[:, 64:66] = (scales * np.float16(1.1)).view(np.uint8)
+    reader.data.flush()
+    import json
+
+    config = json.loads((bitnet_dir / "config.json").read_text())
+    plan = gguf_plan(config["model_type"])
+    jobs = plan_tensors(Checkpoint.scan(bitnet_dir).shapes(), plan, config)
+    report = verification.verify_gguf(
+        result.path, bitnet_dir, "tq2_0", plan, jobs, read_vocab(bitnet_dir, config["vocab_size"])
+    )
+    failed = {c["measure"] for c in report["checks"] if not c["ok"]}
+    assert failed == {"max_abs_logit_delta", "mean_kl"}, report["measures"]
