@@ -174,7 +174,7 @@ def preflight(config: Any, allow_crimes: bool = False) -> list[dict[str, Any]]:
     return inputs
 
 
-def _vocabulary(config: Any, out: Path, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+def _vocabulary(config: Any, arch_info: Any, out: Path, inputs: list[dict[str, Any]]) -> dict[str, Any]:
     """Which row of the output's embedding came from which input, by mergekit's rule: a token every input has
     is merged from all; a token of one input only is that input's row; a token several but not all have comes
     from the base when the base has it, else their average. Plus the check that nothing was truncated."""
@@ -184,23 +184,31 @@ def _vocabulary(config: Any, out: Path, inputs: list[dict[str, Any]]) -> dict[st
     tokenizer = AutoTokenizer.from_pretrained(out)
     vocab = tokenizer.get_vocab()
     merged_config = AutoConfig.from_pretrained(out)
-    rows = None
+    # The token-indexed tensors, as mergekit's architecture description names them (embeddings, untied head).
+    axes = {}
+    for module in arch_info.modules.values():
+        described = module.architecture
+        for weight in [*described.pre_weights(merged_config), *described.post_weights(merged_config)]:
+            if weight.vocabulary_axis is not None:
+                axes[weight.name] = weight.vocabulary_axis
+    rows = {}
     for file in out.glob("*.safetensors"):
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118
-                shape = handle.get_slice(name).get_shape()
-                if len(shape) == 2 and "embed" in name and "position" not in name:
-                    rows = shape[0]
+                if name in axes:
+                    rows[name] = handle.get_slice(name).get_shape()[axes[name]]
     result: dict[str, Any] = {
         "tokens": len(vocab),
         "config_vocab_size": merged_config.vocab_size,
-        "embedding_rows": rows,
+        "embedding_rows": max(rows.values()) if rows else None,
+        "token_tensors": rows,
         "source": str(config.tokenizer_source) if config.tokenizer_source else "base (copied)",
     }
-    if rows is not None and rows < len(vocab):
+    short = {name: n for name, n in rows.items() if n < len(vocab) or n != merged_config.vocab_size}
+    if short:
         raise ToolkitError(
-            f"the merged embedding has {rows} rows for a tokenizer of {len(vocab)} tokens: tokens would be "
-            "cut off; the merge was not kept"
+            f"the merged token tensors have {short} rows for a tokenizer of {len(vocab)} tokens and a config "
+            f"vocab_size of {merged_config.vocab_size}: tokens would be cut off or unread; the merge was not kept"
         )
     if config.tokenizer_source is None:
         return result
@@ -308,6 +316,7 @@ def merge(
 ) -> MergeReport:
     """Run the mergekit config `raw` into `out` (atomically) and return its report. `resolve(name, where)`
     may map model references that are not paths (a recipe's stage names)."""
+    from mergekit.architecture import get_architecture_info
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
@@ -354,7 +363,7 @@ def merge(
             },
             seed=seed,
             layers=layers,
-            vocabulary=_vocabulary(config, tmp, inputs),
+            vocabulary=_vocabulary(config, get_architecture_info(config, options), tmp, inputs),
             chat_template=_carry_side_files(config, tmp),
         )
         report.seconds = round(time.monotonic() - start, 2)
