@@ -8,12 +8,14 @@ group when the block ends, also when the block raises: an evaluation that fails 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,22 @@ from pathlib import Path
 from toolkit.errors import ToolkitError
 
 START_S = 900  # vLLM's CPU engine takes about a minute to start on 2 cores; llama.cpp a second or two
+
+
+# Lines of a server's log that say why it stopped: errors its child processes logged (vLLM tags them ERROR and
+# the engine's failure names each dead process with its exit code, -9 being the kernel's kill), before the
+# parent's own traceback, which is all a log's tail shows.
+CAUSE = re.compile(
+    r"\bERROR\b|Error:|Exception:|Killed|out of memory|Failed core proc|exit ?code", re.IGNORECASE
+)
+
+
+def failure_excerpt(text: str, causes: int = 20, tail: int = 1500) -> str:
+    """A failed server's log cut to what explains it: the first `causes` lines naming an error, then its last
+    `tail` characters."""
+    named = [line[:400] for line in text.splitlines() if CAUSE.search(line)][:causes]
+    head = "lines naming the cause:\n" + "\n".join(named) + "\n" if named else ""
+    return f"{head}its end:\n{text[-tail:]}"
 
 
 def free_port() -> int:
@@ -44,30 +62,51 @@ def ready(url: str) -> bool:
 
 @contextmanager
 def server(
-    argv: list[str], port: int, log: Path, env: dict[str, str] | None = None, start_s: float = START_S
+    argv: list[str],
+    port: int,
+    log: Path,
+    env: dict[str, str] | None = None,
+    start_s: float = START_S,
+    attempts: int = 2,
 ) -> Iterator[str]:
     """Start `argv` (which must listen on 127.0.0.1:`port`), yield its base URL once it answers, and stop its
-    process group afterwards (SIGTERM, then SIGKILL after 60 s). Its output goes to `log`."""
+    process group afterwards (SIGTERM, then SIGKILL after 60 s). Its output goes to `log`.
+
+    A server that exits before it answers is started again, up to `attempts` times in all, with a warning that
+    quotes why (its log is kept beside, as `<log>.<n>`): a vLLM engine can die while it starts for reasons
+    outside the model (memory taken by other processes at that moment), and a failure that repeats is then
+    reported with its cause."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
     url = f"http://127.0.0.1:{port}"
-    started = time.perf_counter()
-    try:
-        while not ready(url):
-            if process.poll() is not None:
-                raise ToolkitError(
-                    f"{Path(argv[0]).name} {' '.join(argv[1:3])} exited {process.returncode} before serving; "
-                    f"its log ({log}) ends:\n{log.read_text()[-3000:]}"
-                )
-            if time.perf_counter() - started > start_s:
-                raise ToolkitError(f"{' '.join(argv[:3])} did not answer in {start_s:.0f} s; its log: {log}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        stop(process)
+    for attempt in range(1, attempts + 1):
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        started = time.perf_counter()
+        try:
+            while not ready(url):
+                if process.poll() is not None:
+                    break
+                if time.perf_counter() - started > start_s:
+                    raise ToolkitError(
+                        f"{' '.join(argv[:3])} did not answer in {start_s:.0f} s; its log: {log}"
+                    )
+                time.sleep(0.5)
+            else:
+                yield url
+                return
+        finally:
+            stop(process)
+        why = (
+            f"{Path(argv[0]).name} {' '.join(argv[1:3])} exited {process.returncode} before serving; "
+            f"its log ({log}), {failure_excerpt(log.read_text())}"
+        )
+        if attempt == attempts:
+            raise ToolkitError(why)
+        kept = log.with_name(f"{log.name}.{attempt}")
+        log.replace(kept)
+        warnings.warn(f"{why.replace(str(log), str(kept))}\nstarting it again", RuntimeWarning, stacklevel=3)
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +23,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from eval.servers import free_port, server, stop
 from export.verify_hf import source_reference
 from export.verify_vllm import verify_in_vllm
 from export.vllm import export_vllm
@@ -162,56 +161,16 @@ def test_remote_code_that_breaks_the_backend_contract_fails(
     assert not section["ok"] and failed in {c["measure"] for c in section["checks"] if not c["ok"]}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def served(src: Path, log: Path, *options: str):
     """`toolkit serve SRC --run [OPTIONS]` on 127.0.0.1 (the real `vllm serve` it becomes), ready on
     `/health`; its process group is stopped on the way out, whatever happened inside."""
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [TOOLKIT, "serve", str(src), "--run", "--host", "127.0.0.1", "--port", str(port), *options],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,  # vLLM's engine processes join the group, and go with it
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            assert server.poll() is None, f"vllm serve exited {server.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"vllm serve not healthy in {SERVER_START_S} s"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                time.sleep(2)
+    argv = [TOOLKIT, "serve", str(src), "--run", "--host", "127.0.0.1", "--port", str(port), *options]
+    with server(
+        argv, port, log, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, start_s=SERVER_START_S
+    ) as url:
         yield url
-    finally:
-        stop_group(server)
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group (the server and the engine processes it started), SIGKILL after 60 s."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:  # the whole group is gone already
-            break
-        try:
-            process.wait(timeout=60)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-    process.wait()
 
 
 def chat(url: str, model: str) -> tuple[str, str, int]:
@@ -317,7 +276,7 @@ def test_merge_adapter_verdicts_hold_in_vllm(chat_base, tmp_path):
     log = tmp_path / "whole.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     with log.open("w") as out:
-        server = subprocess.Popen(
+        process = subprocess.Popen(
             [str(vllm_executable()), *argv[1:]],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -326,7 +285,7 @@ def test_merge_adapter_verdicts_hold_in_vllm(chat_base, tmp_path):
         )
     try:
         deadline, answer = time.monotonic() + SERVER_START_S, None
-        while server.poll() is None and time.monotonic() < deadline and answer is None:
+        while process.poll() is None and time.monotonic() < deadline and answer is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
                     answer = chat(f"http://127.0.0.1:{port}", "whole")
@@ -334,9 +293,9 @@ def test_merge_adapter_verdicts_hold_in_vllm(chat_base, tmp_path):
                 time.sleep(2)
             except Exception as error:  # noqa: BLE001 - the adapter's request failing is the expected outcome
                 answer = error
-        exited = server.poll()  # None while it runs
+        exited = process.poll()  # None while it runs
     finally:
-        stop_group(server)
+        stop(process)
     # vLLM 0.32 refuses to start with it ("vLLM only supports modules_to_save being either None or
     # ['classifier', 'score'] ..."); a version that started would have to fail the adapter's requests.
     refusal = exited not in (None, 0) and "modules_to_save" in log.read_text()
