@@ -35,6 +35,15 @@ def pytest_collection_modifyitems(config, items):
         for marker, skip in skips.items():
             if marker in item.keywords:
                 item.add_marker(skip)
+    # Whole recipes (tests/recipes/) are the longest files, the demo's training at size (about 30 minutes on one
+    # core) the longest of them: they start first, so that under pytest-xdist no worker takes one up near the
+    # end while the others sit idle.
+    items.sort(
+        key=lambda item: (
+            not item.nodeid.startswith("tests/recipes/test_quickstart_learns.py"),
+            not item.nodeid.startswith("tests/recipes/"),
+        )
+    )
 
 
 @pytest.fixture(autouse=True)
