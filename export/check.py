@@ -216,9 +216,14 @@ def _native_tensor_problem(route: Route, model: PreTrainedModel, tensors: Shapes
     return f"{problems[0]}{more}; the plan's tensor_renames and tensor_transforms must fit {class_name}"
 
 
+def _ours(model_type: str) -> bool:
+    """An architecture whose modelling code is this project's (a transformers one registered here is not)."""
+    return model_type in ARCHITECTURES and not ARCHITECTURES[model_type].in_transformers
+
+
 def _vllm_transformers(model_type: str) -> TargetVerdict:
     try:
-        if model_type in ARCHITECTURES:  # served from a remote-code folder: the whole route must hold
+        if _ours(model_type):  # served from a remote-code folder: the whole route must hold
             route = choose_route(model_type, "remote-code")
             how = "remote-code folder"
         else:  # a transformers architecture: vLLM loads transformers' own class
@@ -233,9 +238,12 @@ def _vllm_transformers(model_type: str) -> TargetVerdict:
 
 
 def _remote_code(model_type: str) -> TargetVerdict:
-    if model_type not in ARCHITECTURES:  # a transformers architecture: a Hub folder loads without any code
+    if not _ours(model_type):  # a transformers architecture: a Hub folder loads without any code
         try:
-            class_name = choose_route(model_type, "native").model_class.__name__
+            if model_type in ARCHITECTURES:
+                class_name = ARCHITECTURES[model_type].causal_lm_class.__name__
+            else:
+                class_name = choose_route(model_type, "native").model_class.__name__
         except (ExportError, KeyError) as error:
             return _blocked("remote-code", error)
         return TargetVerdict(

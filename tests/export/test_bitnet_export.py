@@ -19,14 +19,15 @@ from toolkit.quantization.bitnet import ternarize, to_bitnet
 LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
-def tiny(folder, bitnet: bool):
+def tiny(folder, bitnet: bool, preset: str = "decoder-tiny", steps: int = 100, **overrides):
     from transformers import AutoModelForCausalLM
 
     register_auto_classes()
     tokenizer = train_tokenizer("qwen2", folder)
     torch.manual_seed(0)
     config = build_config(
-        "decoder-tiny",
+        preset,
+        **overrides,
         vocab_size=len(tokenizer),
         num_hidden_layers=2,
         bos_token_id=tokenizer.bos_token_id,
@@ -36,7 +37,7 @@ def tiny(folder, bitnet: bool):
     model = AutoModelForCausalLM.from_config(config)
     if bitnet:
         to_bitnet(model)
-    train_briefly(model, tokenizer, steps=100)  # quantization-aware: the ternary layers train through STE
+    train_briefly(model, tokenizer, steps=steps)  # quantization-aware: the ternary layers train through STE
     model.save_pretrained(folder)
     return folder
 
@@ -114,3 +115,12 @@ def test_a_wrong_scale_in_the_file_fails_the_bound(bitnet_dir, tmp_path):
     )
     failed = {c["measure"] for c in report["checks"] if not c["ok"]}
     assert failed == {"max_abs_logit_delta", "mean_kl"}, report["measures"]
+
+
+def test_the_bitnet_familys_squared_relu_is_refused_naming_the_activation(tmp_path):
+    """transformers' BitNet computes its MLP with relu2 by default, llama.cpp's `bitnet` graph with SiLU: such a
+    model would run in llama.cpp as another function, so no file is written and the error names the field."""
+    folder = tiny(tmp_path / "relu2", bitnet=True, preset="bitnet-tiny", steps=1)
+    with pytest.raises(ExportError, match=r"activation \(hidden_act; .*SiLU.*hidden_act: silu.* = 'relu2'"):
+        export_gguf(folder, "tq2_0", tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

@@ -145,6 +145,65 @@ register_architecture(
         ),
     ],
 )
+# transformers' own BitNet b1.58 model, trained ternary from the start (toolkit/models/bitnet/).
+register_architecture(
+    Architecture(
+        name="bitnet",
+        config="transformers:BitNetConfig",
+        base_model="transformers:BitNetModel",
+        causal_lm="transformers:BitNetForCausalLM",
+        sequence_classification="toolkit.models.bitnet.modeling_bitnet:BitNetForSequenceClassification",
+        adapter_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        plan_module="toolkit.models.bitnet.export_plan",
+        residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+        description="BitNet b1.58 (transformers' BitNetForCausalLM): ternary linear layers, sub-norms, squared ReLU",
+    ),
+    [
+        # decoder-tiny's shape in BitNet's layout; tied embeddings as BitNet b1.58 2B4T (and llama.cpp) has them.
+        Preset(
+            "bitnet-tiny",
+            "bitnet",
+            dict(
+                vocab_size=4096,
+                hidden_size=256,
+                intermediate_size=768,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+                tie_word_embeddings=True,
+                bos_token_id=None,
+                eos_token_id=None,
+            ),
+            "for tests and the CPU demo",
+        ),
+        Preset(
+            "bitnet-125m",
+            "bitnet",
+            dict(
+                vocab_size=32000,
+                hidden_size=768,
+                intermediate_size=2048,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                num_key_value_heads=12,
+                max_position_embeddings=2048,
+                tie_word_embeddings=True,
+                bos_token_id=None,
+                eos_token_id=None,
+            ),
+            "GPT-2-small scale",
+        ),
+        # microsoft/bitnet-b1.58-2B-4T's published shape (BitNetConfig's defaults, tied, 4096 context).
+        Preset(
+            "bitnet-2b",
+            "bitnet",
+            dict(max_position_embeddings=4096, tie_word_embeddings=True),
+            "BitNet b1.58 2B4T shape",
+            quoted="2B",
+        ),
+    ],
+)
 
 # The model classes, importable from here; each is loaded on first access, with the Auto classes registered.
 __getattr__ = lazy_classes(

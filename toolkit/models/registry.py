@@ -60,6 +60,11 @@ class Architecture:
         return import_path(self.config)
 
     @property
+    def in_transformers(self) -> bool:
+        """Whether its model classes are transformers' own (a folder loads without this project's code)."""
+        return import_path(self.causal_lm).__module__.startswith("transformers.")
+
+    @property
     def base_model_class(self) -> type[PreTrainedModel]:
         return import_path(self.base_model)
 

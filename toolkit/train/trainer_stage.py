@@ -242,7 +242,15 @@ def load_model(
 
 
 def is_bitnet(stage: Stage) -> bool:
-    return (stage.model.get("quantization") or {}).get("method") == "bitnet"
+    """Whether the stage trains BitNet's ternary layers: `model.quantization: {method: bitnet}`, or a preset of
+    the `bitnet` family, which is BitNet by definition."""
+    if (stage.model.get("quantization") or {}).get("method") == "bitnet":
+        return True
+    if "preset" not in stage.model:
+        return False
+    from toolkit.models import get_preset
+
+    return get_preset(stage.model["preset"]).arch == "bitnet"
 
 
 def bitnet(model: PreTrainedModel, stage: Stage) -> PreTrainedModel:
@@ -254,7 +262,7 @@ def bitnet(model: PreTrainedModel, stage: Stage) -> PreTrainedModel:
 
     if (getattr(model.config, "quantization_config", None) or {}) and getattr(model, "hf_quantizer", None):
         return model  # a BitNet checkpoint: transformers' quantizer restored its layers
-    converted = to_bitnet(model, stage.model["quantization"].get("exclude"))
+    converted = to_bitnet(model, (stage.model.get("quantization") or {}).get("exclude"))
     print(
         f"[{stage.name}] BitNet b1.58: {len(converted)} linear layers ternary (absmean), 8-bit activations",
         flush=True,

@@ -180,6 +180,71 @@ def test_a_recipe_trains_bitnet_from_a_preset_continues_it_and_exports_ternary(t
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.integration_test
+def test_the_bitnet_family_trains_ternary_loads_in_plain_transformers_and_runs_in_llama_cpp(tmp_path):
+    """A `bitnet-*` preset is BitNet by itself (no `quantization:` key): `toolkit train` in a fresh process
+    trains transformers' own BitNetForCausalLM with ternary layers, the folder loads in a process without the
+    toolkit as `BitNetForCausalLM` with BitNet layers and the same logits, and with `hidden_act: silu` its TQ2_0
+    GGUF runs in llama.cpp's own `bitnet` graph, verified."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny import head, pretrain_stage, tokenizer_stage, write_recipe
+
+    corpus = head("data/corpus/train.jsonl", 200, tmp_path / "corpus.jsonl")
+    pretrain = pretrain_stage(
+        corpus, {"num_hidden_layers": 2, "hidden_act": "silu"}, max_steps=6, learning_rate=3e-3
+    )
+    pretrain["model"]["preset"] = "bitnet-tiny"
+    export = {"name": "gguf", "method": "export", "export": {"quant": "tq2_0"}}
+    recipe = write_recipe(
+        tmp_path / "r.yaml", "native", tmp_path / "run", [tokenizer_stage(corpus), pretrain, export]
+    )
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "toolkit"), "train", str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "BitNet b1.58: 14 linear layers ternary" in done.stdout
+    final = tmp_path / "run" / "pretrain" / "final"
+    saved = json.loads((final / "config.json").read_text())
+    assert (
+        saved["architectures"] == ["BitNetForCausalLM"]
+        and saved["quantization_config"]["quant_method"] == "bitnet"
+    )
+
+    ids = torch.arange(3, 13).unsqueeze(0)
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(final).eval()(ids).logits
+    torch.save(expected, tmp_path / "expected.pt")
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, BitNetForCausalLM\n"
+        "from transformers.integrations.bitnet import AutoBitLinear\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()\n"
+        "assert type(m) is BitNetForCausalLM and isinstance(m.model.layers[1].mlp.down_proj, AutoBitLinear)\n"
+        "assert 'toolkit' not in sys.modules\n"
+        "with torch.no_grad():\n"
+        "    got = m(torch.arange(3, 13).unsqueeze(0)).logits\n"
+        "assert torch.equal(got, torch.load(sys.argv[2]))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script, str(final), str(tmp_path / "expected.pt")],
+        capture_output=True,
+        text=True,
+        cwd=Path("/"),
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+
+    report = json.loads((tmp_path / "run" / "gguf" / "native-tq2_0.gguf.report.json").read_text())
+    assert report["ok"], report["checks"]
+    assert report["tensor_types"]["blk.0.attn_q.weight"] == "TQ2_0"
+    assert report["tensor_types"]["blk.1.ffn_sub_norm.weight"] == "F32"
+    assert "output.weight" not in report["tensor_types"]  # the graph projects with token_embd
+
+
 def test_a_misspelt_quantization_method_names_bitnet(tmp_path):
     from toolkit import recipe as recipes
     from toolkit.errors import RecipeError
