@@ -216,6 +216,69 @@ def mark_ternary(jobs: list[TensorJob], checkpoint: Checkpoint, spec: QuantSpec)
     return ternary
 
 
+# BitNet b1.58's targets as Agent Forge set them: file size against float32 from 6x below 50M parameters to
+# 12x above 2B (between, interpolated on log(parameters): our reading, as no figure was given there), and at
+# least 30% of the ternary weights zero.
+COMPRESSION_TARGETS = ((50e6, 6.0), (2e9, 12.0))
+ZERO_FRACTION_TARGET = 0.30
+
+
+def compression_target(parameters: int) -> float:
+    """The file-size ratio against float32 that BitNet's targets ask of a model of this many parameters."""
+    (small, low), (large, high) = COMPRESSION_TARGETS
+    if parameters <= small:
+        return low
+    if parameters >= large:
+        return high
+    return low + (high - low) * (np.log(parameters) - np.log(small)) / (np.log(large) - np.log(small))
+
+
+def ternary_summary(checkpoint: Checkpoint, jobs: list[TensorJob], file_bytes: int) -> dict[str, Any]:
+    """What a BitNet model's file is: each ternary layer's share of zero weights (ternarized as the model
+    computes it), the share of the model's parameters held ternary, and the file's size against the model at
+    float32 and float16, each beside BitNet's target."""
+    from toolkit.quantization.bitnet import ternarize
+
+    zeros: dict[str, float] = {}
+    zero_count = ternary_count = total = 0
+    for job in jobs:
+        if job.zero_filled:
+            continue
+        count = int(np.prod(job.shape))
+        total += count
+        if not job.ternarize:
+            continue
+        with open(checkpoint.tensors[job.source].file, "rb") as handle:
+            values, _ = ternarize(torch_tensor(checkpoint.read_rows(job.source, 0, job.shape[0], handle)))
+        zero = int((values == 0).sum())
+        zeros[job.target] = round(zero / count, 4)
+        zero_count, ternary_count = zero_count + zero, ternary_count + count
+    compression = total * 4 / file_bytes
+    target = compression_target(total)
+    zero_fraction = zero_count / ternary_count if ternary_count else 0.0
+    return {
+        "parameters": total,
+        "ternary_parameters": ternary_count,
+        "ternary_share": round(ternary_count / total, 4),
+        "zero_fraction": round(zero_fraction, 4),
+        "zero_fraction_by_layer": zeros,
+        "compression_vs_f32": round(compression, 2),
+        "compression_vs_f16": round(compression / 2, 2),
+        "targets": {
+            "compression_vs_f32": round(float(target), 2),
+            "compression_met": bool(compression >= target),
+            "zero_fraction": ZERO_FRACTION_TARGET,
+            "zero_fraction_met": bool(zero_fraction >= ZERO_FRACTION_TARGET),
+        },
+    }
+
+
+def torch_tensor(values: np.ndarray) -> Any:
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(values))
+
+
 def _pattern(template: str) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>\d+)") + "$")
 
@@ -471,6 +534,8 @@ def export_gguf(
                 zero_filled=[job.target for job in jobs if job.zero_filled],
                 lora=source.lora,
             )
+            if any(job.ternarize for job in jobs):
+                result.report["bitnet"] = ternary_summary(checkpoint, jobs, out_path.stat().st_size)
             from export.report import write_report
 
             write_report(out_path, result.report)

@@ -46,6 +46,14 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"\nLoRA merged into {report['lora']['base']}: max |delta| vs base+adapter "
             f"{report['lora']['merge_drift_max_abs']:.3g}"
         )
+    if bitnet := report.get("bitnet"):
+        targets = bitnet["targets"]
+        lines.append(
+            f"\nBitNet: {bitnet['ternary_share']:.0%} of {bitnet['parameters']:,} parameters ternary; "
+            f"{bitnet['compression_vs_f32']}x smaller than float32 (target {targets['compression_vs_f32']}x: "
+            f"{'met' if targets['compression_met'] else 'not met'}); zero weights {bitnet['zero_fraction']:.1%} "
+            f"(target {targets['zero_fraction']:.0%}: {'met' if targets['zero_fraction_met'] else 'not met'})"
+        )
     for problem in report.get("file_problems", []) + report.get("tokenization_mismatches", []):
         lines.append(f"\nproblem: {problem!r}")
     return "\n".join(lines)

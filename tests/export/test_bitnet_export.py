@@ -17,6 +17,11 @@ from toolkit.models import build_config, register_auto_classes
 from toolkit.quantization.bitnet import ternarize, to_bitnet
 
 LINEAR = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+SOURCES = tuple(
+    f"model.layers.{{}}.{name}.weight"
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    + ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+)
 
 
 def tiny(folder, bitnet: bool, preset: str = "decoder-tiny", steps: int = 100, **overrides):
@@ -60,6 +65,20 @@ def test_ternary_gguf_holds_the_trained_ternary_weights_and_runs(bitnet_dir, tmp
     assert types["token_embd.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
 
     latent = load_file(bitnet_dir / "model.safetensors")
+    # The report's BitNet summary, against the latent weights ternarized here and the file's own size.
+    summary = result.report["bitnet"]
+    zeros = {}
+    for block in (0, 1):
+        for name, source in zip(LINEAR, SOURCES, strict=True):
+            values, _ = ternarize(latent[source.format(block)])
+            zeros[f"blk.{block}.{name}.weight"] = float((values == 0).float().mean())
+    assert summary["zero_fraction_by_layer"] == pytest.approx(zeros, abs=1e-4)
+    parameters = sum(t.numel() for name, t in latent.items() if name != "lm_head.weight")
+    assert summary["parameters"] == parameters
+    assert summary["compression_vs_f32"] == pytest.approx(
+        parameters * 4 / result.path.stat().st_size, abs=0.01
+    )
+    assert summary["targets"]["compression_vs_f32"] == 6.0  # a model under 50M parameters
     stored = {t.name: t for t in gguf.GGUFReader(result.path).tensors}
     for name, source in (("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight"),):
         tensor = stored[name]
@@ -124,3 +143,10 @@ def test_the_bitnet_familys_squared_relu_is_refused_naming_the_activation(tmp_pa
     with pytest.raises(ExportError, match=r"activation \(hidden_act; .*SiLU.*hidden_act: silu.* = 'relu2'"):
         export_gguf(folder, "tq2_0", tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_the_compression_target_runs_from_6x_to_12x_with_size():
+    from export.gguf import compression_target
+
+    assert compression_target(4_000_000) == 6.0 and compression_target(3_000_000_000) == 12.0
+    assert 6.0 < compression_target(125_000_000) < compression_target(1_000_000_000) < 12.0
