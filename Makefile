@@ -37,12 +37,13 @@ demo: $(STAMP)
 
 # The vLLM-marked tests run in `make test-vllm` (they need .venv-vllm and start vLLM engines). The rest run in
 # one pytest-xdist worker per core (each single-threaded), a test file's tests in one worker, so that a file's
-# shared fixtures (a trained tiny run, an export) are built once; the 20 slowest tests are listed at the end.
+# shared fixtures (a trained tiny run, an export) are built once, handed out in the order tests/conftest.py
+# gives them (the longest files first, not xdist's largest-first); the 20 slowest tests are listed at the end.
 TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest -q -m "not vllm" -n $(TEST_WORKERS) --dist loadfile --durations=20
+	$(PY) -m pytest -q -m "not vllm" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 # vLLM in an environment of its own: it pins its torch and transformers (<5.20), so it never joins .venv; the
 # toolkit reaches it through subprocesses (export/verify_vllm.py finds .venv-vllm/bin/python). Without a GPU it
