@@ -70,15 +70,18 @@ BOUNDS: dict[str, dict[str, tuple[str, float]]] = {
 # summation order, so max |delta| moves with threads), mean KL at most 5e-9; against the PyTorch model as it
 # is (per-token activations) max |delta| 0.14-0.17, mean KL 3e-5 to 6e-5, reported beside. A TQ2_0 file
 # with one matrix's scales 10% off gives max |delta| 0.31, mean KL 2.9e-4 (tests/export/test_bitnet_export.py):
-# mean KL separates the two by five orders of magnitude, so it carries the check for quantized inputs.
+# mean KL separates the two by five orders of magnitude, so it carries the check for quantized inputs. The
+# flips add up with depth and training: the quickstart's 4-layer decoder-tiny continued 300 steps ternary
+# (recipes/bitnet.yaml) gives tq2_0 mean KL 9.6e-7 and max |delta| 0.021, so the quantized-input types are
+# held to 2e-5, still 15 times below the file with a wrong scale.
 # Types without the emulation (K-quants) keep a KL and top-1 bound.
 BITNET_BOUNDS: dict[str, dict[str, tuple[str, float]]] = {
     "f32": {"max_abs_logit_delta": ("<=", 5e-4), "mean_kl": ("<=", 1e-6)},
     "f16": {"max_abs_logit_delta": ("<=", 5e-3), "mean_kl": ("<=", 1e-6)},
     "bf16": {"max_abs_logit_delta": ("<=", 2.5e-2), "mean_kl": ("<=", 1e-5)},
-    "q8_0": {"mean_kl": ("<=", 1e-6), "max_abs_logit_delta": ("<=", 0.1)},
-    "tq1_0": {"mean_kl": ("<=", 1e-6), "max_abs_logit_delta": ("<=", 0.1)},
-    "tq2_0": {"mean_kl": ("<=", 1e-6), "max_abs_logit_delta": ("<=", 0.1)},
+    "q8_0": {"mean_kl": ("<=", 2e-5), "max_abs_logit_delta": ("<=", 0.1)},
+    "tq1_0": {"mean_kl": ("<=", 2e-5), "max_abs_logit_delta": ("<=", 0.1)},
+    "tq2_0": {"mean_kl": ("<=", 2e-5), "max_abs_logit_delta": ("<=", 0.1)},
     "unemulated": {"mean_kl": ("<=", 1e-3), "top1_agreement": (">=", 0.95)},
 }
 # Float files are compared with the source computed as llama.cpp computes it (export/llama_numerics.py).
