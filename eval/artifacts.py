@@ -140,13 +140,13 @@ def vllm_lm(folder: Path, log: Path) -> Iterator[Any]:
 
     from eval.servers import free_port, server
     from export.serve import serve_command
-    from export.verify_vllm import vllm_executable
+    from export.verify_vllm import server_environ, vllm_executable
 
     port = free_port()
     argv = serve_command(folder, host="127.0.0.1", port=port)
     argv[0] = str(vllm_executable())  # as `toolkit serve --run` does: on PATH, else the vLLM environment's
     config = json.loads((folder / "config.json").read_text())
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    env = server_environ(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"))
     with server(argv, port, log, env) as url:
         yield LocalCompletionsAPI(
             base_url=f"{url}/v1/completions",

@@ -25,19 +25,22 @@ from toolkit.errors import ToolkitError
 START_S = 900  # vLLM's CPU engine takes about a minute to start on 2 cores; llama.cpp a second or two
 
 
-# Lines of a server's log that say why it stopped: errors its child processes logged (vLLM tags them ERROR and
-# the engine's failure names each dead process with its exit code, -9 being the kernel's kill), before the
-# parent's own traceback, which is all a log's tail shows.
-CAUSE = re.compile(
-    r"\bERROR\b|Error:|Exception:|Killed|out of memory|Failed core proc|exit ?code", re.IGNORECASE
+# What a server's log says about why it stopped: the exception its child processes raised (vLLM tags every line
+# of a worker's traceback ERROR, so the message line is the one to find), an engine failure naming each dead
+# process with its exit code (-9 being the kernel's kill), the kernel's own words; then the other error lines.
+MESSAGE = re.compile(
+    r"\b\w*(Error|Exception|Interrupt)\b: |Killed|out of memory|Failed core proc", re.IGNORECASE
 )
+CAUSE = re.compile(r"\bERROR\b|exit ?code", re.IGNORECASE)
 
 
 def failure_excerpt(text: str, causes: int = 20, tail: int = 1500) -> str:
-    """A failed server's log cut to what explains it: the first `causes` lines naming an error, then its last
-    `tail` characters."""
-    named = [line[:400] for line in text.splitlines() if CAUSE.search(line)][:causes]
-    head = "lines naming the cause:\n" + "\n".join(named) + "\n" if named else ""
+    """A failed server's log cut to what explains it: the lines with an exception's message (first), then other
+    error lines, `causes` in all, then its last `tail` characters."""
+    lines = [line[:400] for line in text.splitlines()]
+    named = [line for line in lines if MESSAGE.search(line)]
+    named += [line for line in lines if CAUSE.search(line) and line not in named]
+    head = "lines naming the cause:\n" + "\n".join(named[:causes]) + "\n" if named else ""
     return f"{head}its end:\n{text[-tail:]}"
 
 

@@ -106,7 +106,7 @@ def serve_command(
 def run(argv: list[str]) -> None:
     """Replace this process with `argv` (a `vllm serve` command), with the `vllm` on PATH or else the vLLM
     environment's (`make vllm-env`)."""
-    from export.verify_vllm import SETUP, vllm_executable
+    from export.verify_vllm import SETUP, server_environ, vllm_executable
 
     executable = vllm_executable()
     if executable is None:
@@ -114,7 +114,7 @@ def run(argv: list[str]) -> None:
             f"vllm is not installed here: `{SETUP}` sets up vLLM's own environment (the CPU build without a "
             "GPU), or `pip install vllm` on a machine with a CUDA GPU"
         )
-    os.execv(executable, [str(executable), *argv[1:]])
+    os.execve(executable, [str(executable), *argv[1:]], server_environ())
 
 
 def format_command(argv: list[str]) -> str:

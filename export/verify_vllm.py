@@ -61,6 +61,17 @@ def vllm_python() -> Path | None:
     return None
 
 
+# `vllm serve` compiles its model with torch.compile at start (its AOT path, also on CPU); TORCHDYNAMO_DISABLE,
+# which a training setup or a test suite may export for PyTorch, makes it fail there ("aot_compile is not
+# supported by the current configuration"), so a server started for vLLM does not inherit it.
+SERVER_UNSET = ("TORCHDYNAMO_DISABLE",)
+
+
+def server_environ(**extra: str) -> dict[str, str]:
+    """This process's environment for a `vllm serve` it starts: without SERVER_UNSET, with `extra`."""
+    return {**{k: v for k, v in os.environ.items() if k not in SERVER_UNSET}, **extra}
+
+
 def vllm_executable() -> Path | None:
     """The `vllm` command: on PATH, else beside the vLLM environment's Python."""
     on_path = shutil.which("vllm")

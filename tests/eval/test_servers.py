@@ -73,3 +73,16 @@ def test_the_excerpt_leads_with_the_lines_naming_the_cause():
     )
     assert "INFO starting" not in excerpt
     assert failure_excerpt("all quiet", tail=100) == "its end:\nall quiet"
+
+
+def test_a_vllm_server_does_not_inherit_a_disabled_torch_compile():
+    """`vllm serve` fails at start under TORCHDYNAMO_DISABLE (its AOT compile), which this suite sets for its
+    own processes (tests/conftest.py): the servers started for vLLM get the environment without it."""
+    import os
+
+    from export.verify_vllm import server_environ
+
+    assert os.environ.get("TORCHDYNAMO_DISABLE") == "1"
+    env = server_environ(VLLM_CPU_KVCACHE_SPACE="1")
+    assert "TORCHDYNAMO_DISABLE" not in env and env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert env["PATH"] == os.environ["PATH"]

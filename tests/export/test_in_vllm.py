@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from eval.servers import free_port, server, stop
 from export.verify_hf import source_reference
-from export.verify_vllm import verify_in_vllm
+from export.verify_vllm import server_environ, verify_in_vllm
 from export.vllm import export_vllm
 from tests.export.vllm_helpers import (
     QUESTION,
@@ -274,7 +274,7 @@ def test_merge_adapter_verdicts_hold_in_vllm(chat_base, tmp_path):
     argv = serve_command(base_export, gpus=0, host="127.0.0.1", port=port)
     argv += ["--enable-lora", "--lora-modules", f"whole={whole}", "--max-lora-rank", "8"]
     log = tmp_path / "whole.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = server_environ(VLLM_CPU_KVCACHE_SPACE="1")
     with log.open("w") as out:
         process = subprocess.Popen(
             [str(vllm_executable()), *argv[1:]],
