@@ -39,7 +39,8 @@ def test_plan_names_exist_in_gguf(model_type):
 def test_decoder_uses_the_llama_graph():
     assert get_plan("decoder").gguf.arch == "llama"
     with pytest.raises(
-        ExportError, match="architectures with one: bitnet, codette, decoder, llama, mistral, prometheus, qwen2"
+        ExportError,
+        match="architectures with one: bitnet, codette, decoder, llama, mistral, prometheus, qwen2",
     ):
         get_plan("gpt_neox")
 
