@@ -237,6 +237,8 @@ def ternary_summary(checkpoint: Checkpoint, jobs: list[TensorJob], file_bytes: i
     """What a BitNet model's file is: each ternary layer's share of zero weights (ternarized as the model
     computes it), the share of the model's parameters held ternary, and the file's size against the model at
     float32 and float16, each beside BitNet's target."""
+    import torch
+
     from toolkit.quantization.bitnet import ternarize
 
     zeros: dict[str, float] = {}
@@ -249,7 +251,7 @@ def ternary_summary(checkpoint: Checkpoint, jobs: list[TensorJob], file_bytes: i
         if not job.ternarize:
             continue
         with open(checkpoint.tensors[job.source].file, "rb") as handle:
-            values, _ = ternarize(torch_tensor(checkpoint.read_rows(job.source, 0, job.shape[0], handle)))
+            values, _ = ternarize(torch.from_numpy(checkpoint.read_rows(job.source, 0, job.shape[0], handle)))
         zero = int((values == 0).sum())
         zeros[job.target] = round(zero / count, 4)
         zero_count, ternary_count = zero_count + zero, ternary_count + count
@@ -271,12 +273,6 @@ def ternary_summary(checkpoint: Checkpoint, jobs: list[TensorJob], file_bytes: i
             "zero_fraction_met": bool(zero_fraction >= ZERO_FRACTION_TARGET),
         },
     }
-
-
-def torch_tensor(values: np.ndarray) -> Any:
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(values))
 
 
 def _pattern(template: str) -> re.Pattern[str]:

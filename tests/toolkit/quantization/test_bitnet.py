@@ -135,6 +135,18 @@ def test_a_hub_model_folder_loads_in_plain_transformers(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
+def toolkit_train(recipe: Path) -> subprocess.CompletedProcess:
+    """`toolkit train RECIPE` in a fresh process, as a user runs it; it must succeed."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "toolkit"), "train", str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 @pytest.mark.slow
 @pytest.mark.integration_test
 def test_a_recipe_trains_bitnet_from_a_preset_continues_it_and_exports_ternary(tmp_path):
@@ -158,13 +170,7 @@ def test_a_recipe_trains_bitnet_from_a_preset_continues_it_and_exports_ternary(t
     recipe = write_recipe(
         tmp_path / "r.yaml", "ternary", tmp_path / "run", [tokenizer_stage(corpus), pretrain, sft, export]
     )
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "toolkit"), "train", str(recipe)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = toolkit_train(recipe)
     assert "BitNet b1.58: 13 linear layers ternary" in done.stdout
     for stage in ("pretrain", "sft"):
         saved = json.loads((tmp_path / "run" / stage / "final" / "config.json").read_text())
@@ -200,13 +206,7 @@ def test_the_bitnet_family_trains_ternary_loads_in_plain_transformers_and_runs_i
     recipe = write_recipe(
         tmp_path / "r.yaml", "native", tmp_path / "run", [tokenizer_stage(corpus), pretrain, export]
     )
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "toolkit"), "train", str(recipe)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = toolkit_train(recipe)
     assert "BitNet b1.58: 14 linear layers ternary" in done.stdout
     final = tmp_path / "run" / "pretrain" / "final"
     saved = json.loads((final / "config.json").read_text())
