@@ -5,7 +5,7 @@
 Each preset is built with random weights, its attention and MLP layers made BitNet layers
 (toolkit.quantization.bitnet), saved, and exported to f32, f16, q8_0, tq2_0 and tq1_0 (every file holds the
 same ternary layers; embeddings and head are float16 in the TQ files). Printed: bytes of each file and its
-ratio to f32 and f16, and greedy decode tokens/s (best of alternating rounds, export_gguf.decode_speeds) with
+ratio to f32 and f16, and greedy decode tokens/s (best of alternating rounds, export.llama_cpp.decode_speeds) with
 the ratio to f16. Goals (the issue's): TQ2_0 at least 2x the decode speed of f16 and at least 6x smaller than
 f32 for the tiny preset. No assertions: timings on a shared machine are figures to read.
 """
@@ -16,7 +16,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from export_gguf import ROOT, decode_speeds  # bench/ is on sys.path
+from export_gguf import ROOT  # bench/ is on sys.path
+
+from export.llama_cpp import decode_speeds
 
 TYPES = ("f32", "f16", "q8_0", "tq2_0", "tq1_0")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack
@@ -275,6 +276,50 @@ def ternary_summary(checkpoint: Checkpoint, jobs: list[TensorJob], file_bytes: i
     }
 
 
+def quantization_accuracy(folder: Path) -> dict[str, Any] | None:
+    """The accuracy drop of a staged BitNet quantization (toolkit/quantization/staged.py) that made the model
+    in `folder` (a stage's `final/`): its measure on the full-precision model and on the model it ended with,
+    from `<stage>/quantization.json`; None for a model made otherwise."""
+    path = Path(folder).parent / "quantization.json"
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    final = record.get("final")
+    if not final:
+        return None
+    return {
+        "measure": record["measure"],
+        "full_precision": record["full_precision"]["score"],
+        "ternary": final["score"],
+        "drop": round(final["drop"], 4),
+        "max_drop": record["max_drop"],
+        "met": final["drop"] <= record["max_drop"],
+        "groups": [g["decision"] for g in record["groups"]],
+    }
+
+
+DECODE_TOKENS = 64
+
+
+def decode_comparison(source: Source, ternary: Path, n_threads: int | None) -> dict[str, Any]:
+    """Greedy decode tokens/s of the ternary file against f16 and q8_0 files of the same model in llama.cpp
+    (written beside it for the measurement, then removed): `DECODE_TOKENS` tokens, best of alternating rounds
+    (export.llama_cpp.decode_speeds)."""
+    from export.llama_cpp import decode_speeds, default_threads
+
+    threads = n_threads or default_threads()
+    with tempfile.TemporaryDirectory(dir=ternary.parent, prefix=".decode-") as tmp:
+        files = [export_gguf(source, q, Path(tmp) / f"{q}.gguf", verify=False).path for q in ("f16", "q8_0")]
+        f16, q8_0, ours = decode_speeds([*files, ternary], DECODE_TOKENS, threads, rounds=3)
+    return {
+        "tokens": DECODE_TOKENS,
+        "threads": threads,
+        "tokens_per_second": {"f16": round(f16, 1), "q8_0": round(q8_0, 1), "ternary": round(ours, 1)},
+        "vs_f16": round(ours / f16, 2),
+        "vs_q8_0": round(ours / q8_0, 2),
+    }
+
+
 def _pattern(template: str) -> re.Pattern[str]:
     return re.compile(re.escape(template).replace(re.escape("{bid}"), r"(?P<bid>\d+)") + "$")
 
@@ -531,7 +576,11 @@ def export_gguf(
                 lora=source.lora,
             )
             if any(job.ternarize for job in jobs):
-                result.report["bitnet"] = ternary_summary(checkpoint, jobs, out_path.stat().st_size)
+                bitnet = ternary_summary(checkpoint, jobs, out_path.stat().st_size)
+                if (accuracy := quantization_accuracy(source.folder)) is not None:
+                    bitnet["accuracy"] = accuracy
+                bitnet["decode"] = decode_comparison(source, out_path, n_threads)
+                result.report["bitnet"] = bitnet
             from export.report import write_report
 
             write_report(out_path, result.report)

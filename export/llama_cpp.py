@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,33 @@ def llama_logits(llm: Any, ids: list[int]):  # -> np.ndarray
     llm.reset()
     llm.eval(ids)
     return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def decode_speeds(paths: list[Path], tokens: int, threads: int, rounds: int = 7) -> list[float]:
+    """Greedy decode tokens/s of each file after a short prompt (llama.cpp, f16 KV cache as users run it).
+
+    The files take turns, `rounds` times and in alternating order, and each keeps its best round: a single
+    short run on a shared machine moves by several percent, and taking turns keeps a slow moment (or being
+    first) from landing on one file only.
+    """
+    import numpy as np
+
+    llama_cpp = _llama_cpp()
+
+    models = [
+        llama_cpp.Llama(model_path=str(p), n_ctx=256, n_threads=threads, logits_all=True, verbose=False)
+        for p in paths
+    ]
+    best = [0.0] * len(models)
+    for round_ in range(rounds):
+        order = list(enumerate(models))
+        for i, llm in order if round_ % 2 == 0 else order[::-1]:  # neither file always goes first
+            llm.reset()
+            llm.eval(llm.tokenize(b"The quick brown fox jumps over the lazy dog.", add_bos=True))
+            started = time.perf_counter()
+            for _ in range(tokens):
+                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            best[i] = max(best[i], tokens / (time.perf_counter() - started))
+    for llm in models:
+        llm.close()
+    return best

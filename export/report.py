@@ -54,6 +54,18 @@ def markdown_table(report: dict[str, Any]) -> str:
             f"{'met' if targets['compression_met'] else 'not met'}); zero weights {bitnet['zero_fraction']:.1%} "
             f"(target {targets['zero_fraction']:.0%}: {'met' if targets['zero_fraction_met'] else 'not met'})"
         )
+        if accuracy := bitnet.get("accuracy"):
+            lines.append(
+                f"accuracy: {accuracy['measure']} {accuracy['full_precision']:.4g} in full precision, "
+                f"{accuracy['ternary']:.4g} ternary: drop {accuracy['drop']:+.1%} (bound {accuracy['max_drop']:.0%}: "
+                f"{'met' if accuracy['met'] else 'not met'}); groups: {', '.join(accuracy['groups'])}"
+            )
+        if decode := bitnet.get("decode"):
+            speeds = decode["tokens_per_second"]
+            lines.append(
+                f"decode in llama.cpp ({decode['threads']} threads): {speeds['ternary']} tokens/s, "
+                f"{decode['vs_f16']}x f16 ({speeds['f16']}), {decode['vs_q8_0']}x q8_0 ({speeds['q8_0']})"
+            )
     for problem in report.get("file_problems", []) + report.get("tokenization_mismatches", []):
         lines.append(f"\nproblem: {problem!r}")
     return "\n".join(lines)

@@ -271,6 +271,19 @@ def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str, problem
     if "eval" in kind.keys and raw.get("eval") is not None:
         hook = section_hooks().get("eval")
         stage.eval = _parse_section(raw["eval"], hook.schema if hook else None, f"{at}.eval", problems)
+    quantization = (stage.model or {}).get("quantization") if "model" in kind.keys else None
+    if isinstance(quantization, dict) and quantization.get("method") == "bitnet":
+        from toolkit.quantization.staged import check_options
+
+        for problem in check_options(quantization, stage.eval, f"{at}.model.quantization"):
+            problems.add(problem)
+        if quantization.get("groups") is not None and "preset" in stage.model:
+            problems.add(
+                f"{at}.model.quantization.groups: staged quantization keeps a trained model's accuracy; a "
+                "preset starts from random weights (give path/from, or drop groups to train ternary from scratch)"
+            )
+        if quantization.get("groups") is not None and raw.get("peft") is not None:
+            problems.add(f"{at}.peft: staged BitNet quantization trains the model's own weights; drop peft:")
     if kind.section:
         stage.options = _parse_section(raw.get(kind.section), kind.schema, f"{at}.{kind.section}", problems)
     return stage

@@ -57,9 +57,12 @@ def test_ternary_gguf_holds_the_trained_ternary_weights_and_runs(bitnet_dir, tmp
     result = export_gguf(bitnet_dir, quant, tmp_path / f"m-{quant}.gguf")
     assert result.ok, result.report["checks"]
     assert result.report["reference"] == "the BitNet source with llama.cpp's weights and input rounding"
-    # Against the PyTorch model as it is (activations quantized per token) the gap is that rounding, reported.
+    # Against the PyTorch model as it is (activations quantized per token) the gap is that rounding, reported;
+    # the emulated reference is the far closer one (mean KL 1e-10..5e-8 against 4e-5..5e-5 measured, on AVX2
+    # and AVX-512 builds of llama.cpp, compiled and eager BitNet layers; max |delta| 7-16x smaller).
     measures = result.report["measures"]
-    assert measures["max_abs_logit_delta"] < measures["max_abs_logit_delta_exact"] / 10
+    assert measures["mean_kl"] < measures["mean_kl_exact"] / 100
+    assert measures["max_abs_logit_delta"] < measures["max_abs_logit_delta_exact"] / 4
     types = result.tensor_types
     assert {types[f"blk.{b}.{n}.weight"] for b in (0, 1) for n in LINEAR} == {quant.upper()}
     assert types["token_embd.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"

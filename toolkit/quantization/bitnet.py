@@ -37,6 +37,19 @@ class BitNetOptions:
     # Linear layers kept in full precision: a module name, a prefix up to a module boundary ("model.layers.0"),
     # a suffix ("down_proj") or a regular expression, as transformers' modules_to_not_convert reads them.
     exclude: list[str] = field(default_factory=list)
+    # Staged quantization (toolkit/quantization/staged.py): the layers made ternary group by group, each group
+    # followed by `train.max_steps` steps and the stage's `eval:` suite. A number splits the blocks (the
+    # numbered layers) into that many consecutive groups; a list gives each group as module names/patterns.
+    groups: int | list[list[str]] | None = None
+    max_drop: float = 0.10  # the largest relative drop of `measure` from the full-precision model accepted
+    measure: str | None = None  # perplexity | accuracy | answer_nll (default: perplexity if eval has it)
+    on_drop: str = (
+        "fallback"  # a group past the bound: "fallback" keeps it full precision and goes on; "stop"
+    )
+
+    @property
+    def staged(self) -> bool:
+        return self.groups is not None
 
 
 def _excluded(name: str, patterns: list[str]) -> bool:
@@ -70,12 +83,22 @@ def plan_layers(model: torch.nn.Module, exclude: list[str] | None = None) -> tup
 def to_bitnet(model: torch.nn.Module, exclude: list[str] | None = None) -> list[str]:
     """Replace the model's attention and MLP linear layers with trainable `AutoBitLinear` (online) layers
     holding the same weights, and record transformers' BitNet quantization config; returns their names."""
-    from transformers.integrations.bitnet import AutoBitLinear
-    from transformers.utils.quantization_config import BitNetQuantConfig
+    converted, _ = plan_layers(model, exclude)
+    convert_layers(model, converted)
+    return converted
 
-    converted, kept = plan_layers(model, exclude)
-    for name in converted:
+
+def convert_layers(model: torch.nn.Module, names: list[str]) -> None:
+    """Make the named linear layers `AutoBitLinear` (online) with the same weight and bias tensors (so an
+    optimizer holding them goes on updating them), and record the config that reloads the model so."""
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    for name in names:
         old = model.get_submodule(name)
+        if isinstance(old, AutoBitLinear):
+            continue
+        # Built where the layer is (its initialisation draws from the same random stream as it always did, so
+        # a seeded run stays the run it was), then given the layer's own tensors.
         new = AutoBitLinear(
             old.in_features,
             old.out_features,
@@ -84,19 +107,43 @@ def to_bitnet(model: torch.nn.Module, exclude: list[str] | None = None) -> list[
             dtype=old.weight.dtype,
             online_quant=True,
         )
-        with torch.no_grad():
-            new.weight.copy_(old.weight)
-            if old.bias is not None:
-                new.bias.copy_(old.bias)
+        new.weight, new.bias = old.weight, old.bias
         model.set_submodule(name, new)
-    # Exact names, anchored: a reload converts every linear layer except these (transformers reads each as a
-    # prefix, a suffix or a pattern; re.escape keeps "layers.1" from matching "layers.11").
+    record_config(model)
+
+
+def revert_layers(model: torch.nn.Module, names: list[str]) -> None:
+    """The named BitNet layers back to full-precision `nn.Linear` with the same tensors (a staged
+    quantization's fallback), and the config recorded again."""
+    for name in names:
+        old = model.get_submodule(name)
+        with torch.device("meta"):
+            new = torch.nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+        new.weight, new.bias = old.weight, old.bias
+        model.set_submodule(name, new)
+    record_config(model)
+
+
+def ternary_layer_names(model: torch.nn.Module) -> list[str]:
+    """The model's linear layers that run ternary (online `AutoBitLinear`)."""
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    return [n for n, m in model.named_modules() if isinstance(m, AutoBitLinear) and m.online_quant]
+
+
+def record_config(model: torch.nn.Module) -> None:
+    """transformers' `BitNetQuantConfig` (online) naming every linear layer left in full precision, exact names
+    anchored: a reload converts every linear layer except these (transformers reads each as a prefix, a suffix
+    or a pattern; re.escape keeps "layers.1" from matching "layers.11")."""
+    from transformers.utils.quantization_config import BitNetQuantConfig
+
+    ternary = set(ternary_layer_names(model))
+    kept = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in ternary]
     model.config.quantization_config = BitNetQuantConfig(
         linear_class="autobitlinear",
         quantization_mode="online",
         modules_to_not_convert=[re.escape(name) for name in kept],
     )
-    return converted
 
 
 def bitnet_layers(folder: str | Path) -> set[str]:

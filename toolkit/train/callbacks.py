@@ -16,8 +16,9 @@ from toolkit.run_folder import read_metrics
 class MetricsCallback(TrainerCallback):
     """Append every log event (loss, learning rate, DPO rewards, ...) as one JSON line; main process only."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, step_offset: int = 0) -> None:
         self.path = Path(path)
+        self.step_offset = step_offset  # steps of earlier trainers in the same stage (staged quantization)
 
     def on_log(
         self,
@@ -29,7 +30,7 @@ class MetricsCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero or not logs:
             return
-        record = {"step": state.global_step, "epoch": state.epoch, **logs}
+        record = {"step": self.step_offset + state.global_step, "epoch": state.epoch, **logs}
         with self.path.open(
             "a"
         ) as handle:  # appending keeps earlier lines if a resumed run continues the file

@@ -262,6 +262,8 @@ def bitnet(model: PreTrainedModel, stage: Stage) -> PreTrainedModel:
 
     if (getattr(model.config, "quantization_config", None) or {}) and getattr(model, "hf_quantizer", None):
         return model  # a BitNet checkpoint: transformers' quantizer restored its layers
+    if staged_options(stage) is not None:
+        return model  # staged: its layer groups turn ternary one by one as the stage trains (run_staged)
     converted = to_bitnet(model, (stage.model.get("quantization") or {}).get("exclude"))
     print(
         f"[{stage.name}] BitNet b1.58: {len(converted)} linear layers ternary (absmean), 8-bit activations",
@@ -306,9 +308,16 @@ def load_data(stage: Stage, kind: str, spec: TrainerSpec, seed: int) -> tuple[An
     return train, held_out
 
 
-def trainer_args(ctx: StageContext, tokenizer: PreTrainedTokenizerBase | None) -> Any:
+def trainer_args(
+    ctx: StageContext,
+    tokenizer: PreTrainedTokenizerBase | None,
+    output_dir: Path | None = None,
+    seed_offset: int = 0,
+) -> Any:
     """The method's TRL config: runner defaults, then the hardware's, the method's, what the method derives
-    from the stage, and last the recipe's own `train:` keys, which win."""
+    from the stage, and last the recipe's own `train:` keys, which win. Checkpoints go to `output_dir` (the
+    stage's `checkpoints/`); `seed_offset` moves the seed (a staged quantization's later groups draw other
+    batches)."""
     stage, spec = ctx.stage, ctx.kind.trainer
     config_class = resolve(spec.config)
     from toolkit.recipe import trainer_fields
@@ -332,8 +341,8 @@ def trainer_args(ctx: StageContext, tokenizer: PreTrainedTokenizerBase | None) -
 
         if distributed_state().is_main_process:
             print(warning, flush=True)
-    values["output_dir"] = str(ctx.folder.checkpoints)
-    values["seed"] = ctx.recipe.seed
+    values["output_dir"] = str(output_dir or ctx.folder.checkpoints)
+    values["seed"] = ctx.recipe.seed + seed_offset
     try:
         return config_class(**values)
     except (TypeError, ValueError) as error:
@@ -399,7 +408,30 @@ def run(ctx: StageContext) -> StageOutcome:
         model.config.pad_token_id = tokenizer.pad_token_id
     with distributed_state().main_process_first():  # one rank fills the datasets cache, the others read it
         train_data, eval_data = load_data(stage, kind.data_kind, spec, ctx.recipe.seed)
-    args = trainer_args(ctx, tokenizer)
+    if (options := staged_options(stage)) is not None:
+        return run_staged(ctx, model, tokenizer, train_data, eval_data, options)
+    trainer = build_trainer(ctx, model, tokenizer, train_data, eval_data, ctx.folder.checkpoints)
+    train(ctx, trainer)
+    save_final(trainer, trainer.model, tokenizer, ctx.folder.final)
+    if trainer.is_world_process_zero():
+        plot_stage(ctx.folder.metrics, ctx.folder.plots, f"{ctx.recipe.name}: {stage.name}", spec.plots)
+    return StageOutcome(final=ctx.folder.final, model=trainer.model, tokenizer=tokenizer)
+
+
+def build_trainer(
+    ctx: StageContext,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_data: Any,
+    eval_data: Any,
+    output_dir: Path,
+    step_offset: int = 0,
+    seed_offset: int = 0,
+) -> Any:
+    """The method's trainer over `model`, checkpointing in `output_dir`, logging to the stage's
+    `metrics.jsonl` (steps counted from `step_offset`)."""
+    stage, spec = ctx.stage, ctx.kind.trainer
+    args = trainer_args(ctx, tokenizer, output_dir, seed_offset)
     args = fit_hardware(ctx, model, tokenizer, args)
     adapter = peft_config(stage, model)
     extras = resolve(spec.extras)(ctx, model, tokenizer, adapter) if spec.extras else {}
@@ -410,7 +442,7 @@ def run(ctx: StageContext) -> StageOutcome:
         eval_dataset=eval_data,
         processing_class=tokenizer,
         peft_config=adapter,
-        callbacks=[MetricsCallback(ctx.folder.metrics), *optimizer_callbacks(stage)],
+        callbacks=[MetricsCallback(ctx.folder.metrics, step_offset), *optimizer_callbacks(stage)],
         **extras,
     )
     use_optimizer(stage, trainer)
@@ -419,14 +451,90 @@ def run(ctx: StageContext) -> StageOutcome:
 
         need = disk_needed(trainer.model, args, adapter_only=adapter is not None)
         preflight_disk(stage.name, ctx.folder.path, need)
-    checkpoint = resume_checkpoint(Path(args.output_dir), stage.name) if ctx.resume else None
+    return trainer
+
+
+def train(ctx: StageContext, trainer: Any, step_offset: int = 0) -> None:
+    """Train, resuming (with `--resume`) from the newest complete checkpoint of the trainer's output folder."""
+    output_dir = Path(trainer.args.output_dir)
+    checkpoint = resume_checkpoint(output_dir, ctx.stage.name) if ctx.resume else None
     if trainer.is_world_process_zero():
-        keep_metrics(ctx.folder.metrics, checkpoint)
+        keep_metrics(ctx.folder.metrics, checkpoint, step_offset)
     trainer.train(resume_from_checkpoint=checkpoint)
-    save_final(trainer, trainer.model, tokenizer, ctx.folder.final)
-    if trainer.is_world_process_zero():
-        plot_stage(ctx.folder.metrics, ctx.folder.plots, f"{ctx.recipe.name}: {stage.name}", spec.plots)
-    return StageOutcome(final=ctx.folder.final, model=trainer.model, tokenizer=tokenizer)
+
+
+def staged_options(stage: Stage) -> Any:
+    """`model.quantization` as BitNetOptions when it asks for staged BitNet quantization, else None."""
+    section = stage.model.get("quantization") or {}
+    if section.get("method") != "bitnet" or section.get("groups") is None:
+        return None
+    from toolkit.quantization.bitnet import BitNetOptions
+    from toolkit.quantization.staged import default_measure
+
+    options = BitNetOptions(**section)
+    options.measure = options.measure or default_measure(stage.eval)
+    return options
+
+
+def run_staged(
+    ctx: StageContext,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_data: Any,
+    eval_data: Any,
+    options: Any,
+) -> StageOutcome:
+    """Staged BitNet quantization (toolkit/quantization/staged.py): one trainer per layer group, in
+    `checkpoints/group-K/`, the stage's `eval:` hook after each; `final/` holds the model it ends with."""
+    from toolkit.quantization.staged import run_staged as quantize_in_stages
+    from toolkit.stages import section_hooks
+    from toolkit.train.runner import distributed_state
+
+    stage, spec = ctx.stage, ctx.kind.trainer
+    if distributed_state().num_processes > 1:
+        raise ToolkitError(
+            f"stages.{stage.name}.model.quantization.groups: staged quantization decides group by group on one "
+            "process's evaluation; run it without a multi-process launch"
+        )
+    hook = resolve(section_hooks()["eval"].run)
+    trainers: list[Any] = []
+
+    def evaluate(model: PreTrainedModel) -> dict[str, Any]:
+        model.eval()
+        with torch.no_grad():
+            return hook(ctx, StageOutcome(model=model, tokenizer=tokenizer), stage.eval)
+
+    def train_group(model: PreTrainedModel, index: int) -> int:
+        offset = index * int(stage.train.get("max_steps") or 0)
+        trainer = build_trainer(
+            ctx,
+            model,
+            tokenizer,
+            train_data,
+            eval_data,
+            ctx.folder.checkpoints / f"group-{index}",
+            offset,
+            index,
+        )
+        train(ctx, trainer, offset)
+        trainers[:] = [trainer]
+        return trainer.state.global_step
+
+    def log(record: dict[str, Any]) -> None:
+        with ctx.folder.metrics.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    record = quantize_in_stages(
+        model, options, ctx.folder.path, evaluate, train_group, log, ctx.resume, stage.name
+    )
+    if not trainers:  # every group was decided before a resume: a trainer only to save with
+        trainers.append(build_trainer(ctx, model, tokenizer, train_data, eval_data, ctx.folder.checkpoints))
+    save_final(trainers[0], model, tokenizer, ctx.folder.final)
+    plots = (*spec.plots, ("quantization_drop",))
+    plot_stage(ctx.folder.metrics, ctx.folder.plots, f"{ctx.recipe.name}: {stage.name}", plots)
+    return StageOutcome(
+        final=ctx.folder.final, model=model, tokenizer=tokenizer, details={"quantization": record["final"]}
+    )
 
 
 def fit_hardware(
@@ -476,12 +584,13 @@ def use_optimizer(stage: Stage, trainer: Any) -> None:
     trainer.optimizer_cls_and_kwargs = (MuonFactory, {"args": trainer.args, "options": options})
 
 
-def keep_metrics(path: Path, checkpoint: str | None) -> None:
+def keep_metrics(path: Path, checkpoint: str | None, step_offset: int = 0) -> None:
     """Before a stage (re)starts: keep the logged records up to the checkpoint it resumes from, drop the rest,
-    which the resumed run logs again (so `metrics.jsonl` and the plots hold each step once)."""
+    which the resumed run logs again (so `metrics.jsonl` and the plots hold each step once); a staged
+    quantization's group counts its steps from `step_offset`."""
     if not path.exists():
         return
-    step = (checkpoint_step(checkpoint) or 0) if checkpoint else 0
+    step = step_offset + ((checkpoint_step(checkpoint) or 0) if checkpoint else 0)
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
     write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 

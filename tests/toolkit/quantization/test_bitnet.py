@@ -245,6 +245,60 @@ def test_the_bitnet_family_trains_ternary_loads_in_plain_transformers_and_runs_i
     assert "output.weight" not in report["tensor_types"]  # the graph projects with token_embd
 
 
+@pytest.mark.slow
+@pytest.mark.integration_test
+def test_a_staged_quantization_recipe_scores_each_group_and_the_gguf_report_quotes_it(tmp_path):
+    """`quantization: {method: bitnet, groups: 2}` through `toolkit train`: the full-precision model is scored,
+    then each group after its training; quantization.json, the metrics and a plot hold the drops; the final
+    folder reloads with every group ternary; the TQ2_0 report quotes the accuracy drop and decode speeds."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    from export.report import markdown_table
+    from tests.tiny import head, pretrain_stage, tokenizer_stage, write_recipe
+
+    corpus = head("data/corpus/train.jsonl", 200, tmp_path / "corpus.jsonl")
+    valid = head("data/corpus/valid.jsonl", 20, tmp_path / "valid.jsonl")
+    pretrain = pretrain_stage(corpus, {"num_hidden_layers": 2}, max_steps=6, learning_rate=3e-3)
+    staged = pretrain_stage(corpus, max_steps=3, learning_rate=3e-3)
+    staged.update(
+        name="ternary",
+        model={"from": "pretrain", "quantization": {"method": "bitnet", "groups": 2, "max_drop": 100.0}},
+        eval={"perplexity": valid},
+    )
+    export = {"name": "gguf", "method": "export", "export": {"quant": "tq2_0"}}
+    recipe = write_recipe(
+        tmp_path / "r.yaml", "staged", tmp_path / "run", [tokenizer_stage(corpus), pretrain, staged, export]
+    )
+    done = toolkit_train(recipe)
+    assert "[ternary] staged quantization: 2 groups; full precision perplexity" in done.stdout
+    assert "[ternary] group 2/2 (7 layers ternary)" in done.stdout
+    stage = tmp_path / "run" / "ternary"
+    record = json.loads((stage / "quantization.json").read_text())
+    assert [g["decision"] for g in record["groups"]] == ["ternary", "ternary"] and record["steps"] == 6
+    drops = [
+        r
+        for r in map(json.loads, (stage / "metrics.jsonl").read_text().splitlines())
+        if "quantization_drop" in r
+    ]
+    assert [(r["step"], r["quantized_groups"]) for r in drops] == [(3, 1), (6, 2)]
+    assert (stage / "plots" / "quantization_drop.png").exists()
+    assert max(r["step"] for r in map(json.loads, (stage / "metrics.jsonl").read_text().splitlines())) == 6
+    model = AutoModelForCausalLM.from_pretrained(stage / "final")
+    assert all(isinstance(model.get_submodule(n), AutoBitLinear) for n in record["layer_groups"][1])
+    evaluated = json.loads((stage / "eval.json").read_text())
+    assert evaluated["perplexity"]["perplexity"] == pytest.approx(record["final"]["score"], rel=1e-6)
+
+    report = json.loads((tmp_path / "run" / "gguf" / "staged-tq2_0.gguf.report.json").read_text())
+    bitnet = report["bitnet"]
+    assert bitnet["accuracy"]["drop"] == pytest.approx(record["final"]["drop"], abs=1e-4)
+    assert bitnet["accuracy"]["groups"] == ["ternary", "ternary"] and bitnet["accuracy"]["met"]
+    speeds = bitnet["decode"]["tokens_per_second"]
+    assert set(speeds) == {"f16", "q8_0", "ternary"} and all(v > 0 for v in speeds.values())
+    table = markdown_table(report)
+    assert "accuracy: perplexity" in table and "x f16" in table and "decode in llama.cpp" in table
+
+
 def test_a_misspelt_quantization_method_names_bitnet(tmp_path):
     from toolkit import recipe as recipes
     from toolkit.errors import RecipeError
