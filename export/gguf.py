@@ -277,17 +277,26 @@ def ternary_summary(checkpoint: Checkpoint, jobs: list[TensorJob], file_bytes: i
 
 
 def quantization_accuracy(folder: Path) -> dict[str, Any] | None:
-    """The accuracy drop of a staged BitNet quantization (toolkit/quantization/staged.py) that made the model
-    in `folder` (a stage's `final/`): its measure on the full-precision model and on the model it ended with,
-    from `<stage>/quantization.json`; None for a model made otherwise."""
-    path = Path(folder).parent / "quantization.json"
-    if not path.exists():
+    """The accuracy drop of the staged BitNet quantization (toolkit/quantization/staged.py) that made the model
+    in `folder` (a stage's `final/`), or that an earlier stage of its run made before this stage went on
+    training it (`stage` names it): its measure on the full-precision model and on the model it ended with,
+    from `<stage>/quantization.json`. None for a model made otherwise."""
+    folder = Path(folder).resolve()
+    candidates = [folder.parent]
+    run = RunFolder.containing(folder)
+    if run is not None:
+        names = [stage.name for stage in run.stages()]
+        upto = names.index(folder.parent.name) if folder.parent.name in names else len(names)
+        candidates += [run.path / name for name in reversed(names[:upto])]
+    path = next((c / "quantization.json" for c in candidates if (c / "quantization.json").exists()), None)
+    if path is None:
         return None
     record = json.loads(path.read_text())
     final = record.get("final")
     if not final:
         return None
     return {
+        "stage": path.parent.name,
         "measure": record["measure"],
         "full_precision": record["full_precision"]["score"],
         "ternary": final["score"],

@@ -56,7 +56,8 @@ def markdown_table(report: dict[str, Any]) -> str:
         )
         if accuracy := bitnet.get("accuracy"):
             lines.append(
-                f"accuracy: {accuracy['measure']} {accuracy['full_precision']:.4g} in full precision, "
+                f"accuracy (stage {accuracy['stage']}): {accuracy['measure']} {accuracy['full_precision']:.4g} in "
+                "full precision, "
                 f"{accuracy['ternary']:.4g} ternary: drop {accuracy['drop']:+.1%} (bound {accuracy['max_drop']:.0%}: "
                 f"{'met' if accuracy['met'] else 'not met'}); groups: {', '.join(accuracy['groups'])}"
             )

@@ -153,3 +153,31 @@ def test_the_compression_target_runs_from_6x_to_12x_with_size():
 
     assert compression_target(4_000_000) == 6.0 and compression_target(3_000_000_000) == 12.0
     assert 6.0 < compression_target(125_000_000) < compression_target(1_000_000_000) < 12.0
+
+
+def test_the_report_quotes_the_staged_quantization_the_model_descends_from(tmp_path):
+    """An SFT stage after a staged quantization: its export quotes that stage's record, not a later stage's."""
+    import json
+
+    import yaml
+
+    from export.gguf import quantization_accuracy
+
+    stages = [{"name": n, "method": "pretrain"} for n in ("base", "ternary", "sft", "later")]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"name": "r", "stages": stages}))
+    for name, drop in (("ternary", 0.04), ("later", 0.5)):
+        (tmp_path / name).mkdir()
+        record = {
+            "measure": "perplexity",
+            "max_drop": 0.1,
+            "full_precision": {"score": 100.0},
+            "groups": [{"decision": "ternary"}, {"decision": "fallback"}],
+            "final": {"score": 100.0 * (1 + drop), "drop": drop},
+        }
+        (tmp_path / name / "quantization.json").write_text(json.dumps(record))
+    for name in ("base", "sft"):
+        (tmp_path / name / "final").mkdir(parents=True)
+    quoted = quantization_accuracy(tmp_path / "sft" / "final")
+    assert quoted["stage"] == "ternary" and quoted["drop"] == 0.04 and quoted["met"]
+    assert quoted["groups"] == ["ternary", "fallback"]
+    assert quantization_accuracy(tmp_path / "base" / "final") is None

@@ -296,7 +296,11 @@ def test_a_staged_quantization_recipe_scores_each_group_and_the_gguf_report_quot
     speeds = bitnet["decode"]["tokens_per_second"]
     assert set(speeds) == {"f16", "q8_0", "ternary"} and all(v > 0 for v in speeds.values())
     table = markdown_table(report)
-    assert "accuracy: perplexity" in table and "x f16" in table and "decode in llama.cpp" in table
+    assert (
+        "accuracy (stage ternary): perplexity" in table
+        and "x f16" in table
+        and "decode in llama.cpp" in table
+    )
 
 
 def test_a_misspelt_quantization_method_names_bitnet(tmp_path):
