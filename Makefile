@@ -18,6 +18,11 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
+# DeepSpeed (the ZeRO configs' own config check runs in the tests; ZeRO itself needs GPUs) ships only an sdist
+# whose build imports torch: built against this environment's torch, as an isolated build would fetch another
+# (a CUDA build, gigabytes); its ops compile at first use, DeepSpeed's default.
+DEEPSPEED := deepspeed$(shell sed -n 's/^gpu = .*"deepspeed\([^"]*\)".*/\1/p' pyproject.toml)
+
 .PHONY: demo test test-latest lock vllm-env test-vllm lock-vllm test-gpu lock-gpu lint format bench clean
 
 # torch first, at the lock's version (a local CPU wheel where pip's find-links has one), so that nothing after
@@ -28,6 +33,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) $(TORCH_FROM) torch
 	wheels=$$(.ci/llama-cpp-wheel $(PY) "$(LLAMA_CPP_VERSION)") && \
 		$(PY) -m pip install -q -c $(LOCK) --only-binary llama-cpp-python --find-links "$$wheels" -e '.[dev]'
+	$(PY) -m pip install -q --no-build-isolation -c $(LOCK) '$(DEEPSPEED)'
 	$(PY) -m pip check
 	touch $(STAMP)
 
@@ -102,6 +108,7 @@ test-latest:
 		$(LATEST_VENV)/resolve.json) && wheels=$$(.ci/llama-cpp-wheel $(LATEST_PY) "$$version") && \
 		$(LATEST_PY) -m pip install -q -c $(LATEST_VENV)/torch.txt --only-binary llama-cpp-python \
 		--find-links "$$wheels" -e '.[dev]'
+	$(LATEST_PY) -m pip install -q --no-build-isolation -c $(LATEST_VENV)/torch.txt '$(DEEPSPEED)'
 	$(LATEST_PY) -m pip check
 	$(LATEST_PY) -m pip freeze --exclude-editable | grep -E '^(transformers|trl|peft|accelerate|datasets|tokenizers|safetensors|gguf|lm_eval|huggingface_hub|llama_cpp_python)=='
 	$(LATEST_VENV)/bin/ruff check .

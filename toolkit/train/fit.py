@@ -155,3 +155,66 @@ def preflight_memory(stage_name: str, model: torch.nn.Module, bf16: bool, free: 
         f"optimizer {human_bytes(n * parts['optimizer'])}), and the GPU has {human_bytes(free)} free; train an adapter "
         "(peft:, or QLoRA with model.quantization), shard it (FSDP/ZeRO-3), or use a smaller preset"
     )
+
+
+def deepspeed_launched() -> bool:
+    """Whether `accelerate launch` started this process under DeepSpeed (a ZeRO config)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+
+
+def preflight_deepspeed(stage_name: str, args: Any) -> dict[str, Any] | None:
+    """Under a DeepSpeed launch, the DeepSpeed config the stage's trainer will hand to DeepSpeed, checked by
+    DeepSpeed's own config check (`deepspeed.runtime.config.DeepSpeedConfig`) before the model moves or a step
+    runs: Accelerate's plugin reads the launcher's settings (or the user's `deepspeed_config_file`) from the
+    environment, transformers fills its "auto" values from the stage's trainer arguments (as Trainer does), and
+    DeepSpeed validates the result. A misspelt key or a value DeepSpeed refuses is an error naming the stage and
+    DeepSpeed's words. Returns the checked config (None when not launched under DeepSpeed)."""
+    if not deepspeed_launched():
+        return None
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+    except ImportError as error:
+        raise ToolkitError(
+            f"stages.{stage_name}: launched with a DeepSpeed config, but DeepSpeed does not import ({error}); "
+            "pip install deepspeed (its build needs torch: --no-build-isolation)"
+        ) from None
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    try:
+        config = HfTrainerDeepSpeedConfig(DeepSpeedPlugin().deepspeed_config)
+        config.trainer_config_process(args)
+        DeepSpeedConfig(config.config)
+    except Exception as error:  # pydantic's ValidationError, DeepSpeed's asserts, a file that does not parse
+        raise ToolkitError(
+            f"stages.{stage_name}: DeepSpeed refuses the launch's DeepSpeed config: {_deepspeed_words(error)}"
+        ) from None
+    return config.config
+
+
+def _deepspeed_words(error: Exception) -> str:
+    """DeepSpeed's error on one line; for a key its pydantic schema does not have, the nearest one it has."""
+    from toolkit.errors import nearest
+
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    words = "; ".join(line for line in lines if not line.startswith("For further information"))
+    errors = getattr(error, "errors", None)
+    if not callable(errors):
+        return words
+    import importlib
+
+    schema = None
+    for module in (
+        "deepspeed.runtime.zero.config",
+        "deepspeed.runtime.config",
+        "deepspeed.runtime.config_utils",
+    ):
+        schema = schema or getattr(importlib.import_module(module), getattr(error, "title", ""), None)
+    for item in errors():
+        if item.get("type") == "extra_forbidden" and schema is not None:
+            keys = [f.alias or name for name, f in schema.model_fields.items()]
+            if guess := nearest(str(item["loc"][-1]), keys):
+                words += f" (did you mean '{guess}'?)"
+    return words

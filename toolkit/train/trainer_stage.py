@@ -540,13 +540,14 @@ def run_staged(
 def fit_hardware(
     ctx: StageContext, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, args: Any
 ) -> Any:
-    """Before the trainer is built: on a GPU, full training's memory against the free memory; with
-    `auto_batch_size`, the micro-batch that fits and the accumulation that keeps the global batch
-    (toolkit/train/fit.py)."""
-    from toolkit.train.fit import fit_batch_size, preflight_memory
+    """Before the trainer is built: under a DeepSpeed launch, DeepSpeed's own check of its config; on a GPU,
+    full training's memory against the free memory; with `auto_batch_size`, the micro-batch that fits and the
+    accumulation that keeps the global batch (toolkit/train/fit.py)."""
+    from toolkit.train.fit import fit_batch_size, preflight_deepspeed, preflight_memory
     from toolkit.train.runner import distributed_state
 
     stage = ctx.stage
+    preflight_deepspeed(stage.name, args)
     quantized = getattr(model, "is_quantized", False)
     if not stage.peft and not quantized:
         preflight_memory(stage.name, model, bool(args.bf16))
