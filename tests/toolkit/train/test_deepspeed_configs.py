@@ -97,3 +97,45 @@ def test_a_deepspeed_file_with_a_misspelt_key_fails_the_stage_before_training(tm
 def test_without_a_deepspeed_launch_nothing_is_checked(tmp_path, monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
     assert preflight_deepspeed("sft", trainer_args(tmp_path)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.integration_test
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda c: c.stem)
+def test_a_zero_run_on_the_gpus_saves_whole_weights_and_learns_as_one_process(path, tmp_path):
+    """ZeRO-2/3 as the README launches it, on every GPU of the machine: the run's `final/` holds whole
+    (gathered) weights of the model's own shapes, and its losses follow one plain process at the same global
+    batch within bf16's rounding."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tests.toolkit.train.test_accelerate_configs import losses, recipe
+
+    gpus = torch.cuda.device_count()
+    single = subprocess.run(
+        [str(Path(sys.executable).parent / "toolkit"), "train", str(recipe(tmp_path, "single", 2 * gpus))],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    zero = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path)]
+        + ["--num_processes", str(gpus), "-m", "toolkit.train", str(recipe(tmp_path, path.stem, 2))],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        env=dict(os.environ),
+    )
+    assert zero.returncode == 0, zero.stderr[-4000:]
+    assert losses(tmp_path / path.stem) == pytest.approx(losses(tmp_path / "single"), abs=5e-2)
+    final = load_file(tmp_path / path.stem / "pretrain" / "final" / "model.safetensors")
+    reference = load_file(tmp_path / "single" / "pretrain" / "final" / "model.safetensors")
+    assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in reference.items()}
