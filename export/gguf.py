@@ -84,6 +84,7 @@ class TensorJob:
     qtype: Q = Q.F32
     fallback: str | None = None  # why it is not of the requested type
     zero_filled: bool = False  # absent from the checkpoint: written as the rule's zeros
+    generated: bool = False  # no checkpoint tensor: computed from the config by the rule (RoPE factors)
     # A BitNet layer: its latent weight is written ternarized (absmean), as the model's forward pass uses it.
     ternarize: bool = False
 
@@ -157,6 +158,9 @@ class Checkpoint:
         """The tensor of `job` as float32 row blocks, transformed; a transform needs the whole tensor."""
         if job.zero_filled:
             yield np.zeros(job.shape, dtype=np.float32)
+            return
+        if job.generated:
+            yield job.rule.generated(config)
             return
         rows = job.shape[0] if len(job.shape) > 1 else 1
         if job.rule.transform is not None or len(job.shape) == 1 or job.ternarize:
@@ -245,7 +249,7 @@ def ternary_summary(checkpoint: Checkpoint, jobs: list[TensorJob], file_bytes: i
     zeros: dict[str, float] = {}
     zero_count = ternary_count = total = 0
     for job in jobs:
-        if job.zero_filled:
+        if job.zero_filled or job.generated:
             continue
         count = int(np.prod(job.shape))
         total += count
@@ -365,6 +369,13 @@ def plan_tensors(
         )
     present = {job.source for job in jobs}
     for rule in plan.tensors:
+        if rule.generated is not None:
+            values = rule.generated(config)
+            if values is not None:
+                jobs.append(
+                    TensorJob(rule.source, rule.target, tuple(values.shape), "F32", rule, generated=True)
+                )
+            continue
         if rule.optional:
             continue
         blocks = range(config["num_hidden_layers"]) if "{bid}" in rule.source else [None]
@@ -553,7 +564,7 @@ def export_gguf(
         if spec.llama_cpp:
             from export.llama_cpp import quantize_with_llama_cpp
 
-            read = [job.source_dtype for job in jobs if not job.zero_filled]
+            read = [job.source_dtype for job in jobs if not (job.zero_filled or job.generated)]
             widest = max(read, key=lambda d: {"F32": 2, "F16": 1}.get(d, 0))
             base = QUANTS[INTERMEDIATE.get(widest, "f32")]
             assign_types(jobs, base)

@@ -1,4 +1,4 @@
-"""GGUF export of `decoder` and of HF Llama/Mistral/Qwen2 folders, verified against transformers in llama.cpp."""
+"""GGUF export of `decoder` and of HF Llama/Mistral/Qwen2/Qwen3 folders, verified against transformers in llama.cpp."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 import shutil
 
 import gguf
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -46,12 +47,25 @@ def test_decoder_k_quant_through_llama_cpp(decoder_dir, tmp_path):
     assert set(result.tensor_types.values()) >= {"Q4_K", "F32"}
 
 
+# Llama 3.1's RoPE scaling with a short original context, so that most frequencies are scaled.
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "style", "extra"),
     [
         ("llama", "llama-bpe", {"attention_bias": True}),
+        ("llama", "llama-bpe", {"rope_parameters": LLAMA3_ROPE}),  # Llama 3.1's scaled RoPE
         ("qwen2", "qwen2", {}),
+        ("qwen3", "qwen2", {"head_dim": 96}),  # QK-norm; a head width that is not hidden / heads
         ("mistral", "gpt-2", {"sliding_window": 128}),
     ],
 )
@@ -61,8 +75,16 @@ def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra)
     _assert_verified(result)
     reader = gguf.GGUFReader(result.path)
     arch = reader.fields["general.architecture"].contents()
-    assert arch == {"qwen2": "qwen2"}.get(kind, "llama")
+    assert arch == {"qwen2": "qwen2", "qwen3": "qwen3"}.get(kind, "llama")
     assert reader.fields["tokenizer.ggml.pre"].contents() == style
+    if "rope_parameters" in extra:  # the factors are transformers' own: default frequencies over scaled ones
+        from transformers import AutoConfig, LlamaForCausalLM
+
+        rotary = LlamaForCausalLM(AutoConfig.from_pretrained(folder)).model.rotary_emb
+        default = 1.0 / 10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+        factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
+        np.testing.assert_allclose(factors, (default / rotary.inv_freq.double()).numpy(), rtol=1e-5)
+        assert factors.min() == 1.0 and factors.max() == pytest.approx(8.0)
     if kind == "mistral":  # the window, not max_position_embeddings, is what llama.cpp can run exactly
         assert reader.fields["llama.context_length"].contents() == 128
     q8 = export_gguf(folder, "q8_0", tmp_path / f"{kind}-q8_0.gguf")
@@ -115,6 +137,22 @@ def test_unsupported_config_and_architecture_are_refused(decoder_dir, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match=r"architecture 'gpt_neox' has no export plan"):
         export_gguf(folder, "f16", tmp_path / "a.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "component"),
+    [("use_sliding_window", True, "sliding-window attention"), ("attention_bias", True, "attention biases")],
+)
+def test_a_qwen3_option_its_graph_lacks_is_refused_naming_the_key(
+    make_model, tmp_path, key, value, component
+):
+    folder = make_model("qwen3", tmp_path / "qwen3", head_dim=96)
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=rf"{component} \({key}\)"):
+        export_gguf(folder, "f16", tmp_path / "q.gguf")
     assert not list(tmp_path.glob("*.gguf"))
 
 

@@ -56,6 +56,36 @@ def rope_type(config: Config) -> str:
     )
 
 
+def rope_scaling_value(config: Config, key: str) -> Any:
+    """A RoPE scaling parameter (`factor`, `low_freq_factor`, ...) from `rope_parameters` (transformers 5) or
+    the older `rope_scaling`."""
+    return config_value(config, f"rope_parameters.{key}") or config_value(config, f"rope_scaling.{key}")
+
+
+def llama3_rope_factors(config: Config) -> np.ndarray | None:
+    """Llama 3.1's RoPE scaling as llama.cpp reads it: one factor per rotary frequency (`rope_freqs.weight`),
+    by which llama.cpp divides that frequency. transformers' `llama3` rope keeps high frequencies (wavelength
+    below original context / high_freq_factor), divides low ones (wavelength above original context /
+    low_freq_factor) by `factor`, and interpolates between; the factor is the default frequency over the
+    scaled one. None for any other RoPE type (no tensor is written)."""
+    if rope_type(config) != "llama3":
+        return None
+    dim = head_dim(config)
+    inv_freq = 1.0 / rope_theta(config) ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    factor = float(rope_scaling_value(config, "factor"))
+    low, high = (
+        float(rope_scaling_value(config, "low_freq_factor")),
+        float(rope_scaling_value(config, "high_freq_factor")),
+    )
+    context = float(rope_scaling_value(config, "original_max_position_embeddings"))
+    wavelength = 2 * np.pi / inv_freq
+    scaled = np.where(wavelength > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelength - low) / (high - low)
+    medium = (wavelength >= context / high) & (wavelength <= context / low)
+    scaled = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return (inv_freq / scaled).astype(np.float32)
+
+
 def _context_length(config: Config) -> int:
     # A sliding window shorter than the context is not part of llama.cpp's `llama` graph: advertising only
     # the window keeps every context llama.cpp will run identical to the source model.
@@ -111,6 +141,9 @@ class TensorRule:
     # For a tensor the target graph requires but the model may lack (the biases of a bias-free model): the
     # shape of the float32 zeros written in its place when the checkpoint has no `source`.
     zeros: Callable[[Config], tuple[int, ...]] | None = None
+    # For a tensor no checkpoint holds, computed from the config (Llama 3's RoPE factors); None from the
+    # function: the model needs none, nothing is written. `source` then only names it.
+    generated: Callable[[Config], np.ndarray | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -230,9 +263,15 @@ LLAMA_HPARAMS: tuple[HParam, ...] = ROPE_HPARAMS + (
 )
 
 LLAMA_CHECKS: tuple[ConfigCheck, ...] = (
-    ConfigCheck(rope_type, ("default",), "RoPE scaling (rope_parameters.rope_type)"),
+    ConfigCheck(rope_type, ("default", "llama3"), "RoPE scaling (rope_parameters.rope_type)"),
     ConfigCheck("hidden_act", ("silu",), "activation (hidden_act)"),
     ConfigCheck("mlp_bias", (None, False), "MLP biases (mlp_bias)"),
+)
+
+# Graphs that read no RoPE factors: unscaled RoPE only.
+DEFAULT_ROPE_CHECKS: tuple[ConfigCheck, ...] = (
+    ConfigCheck(rope_type, ("default",), "RoPE scaling (rope_parameters.rope_type)"),
+    LLAMA_CHECKS[1],
 )
 
 _BLOCK = "model.layers.{bid}"
@@ -266,6 +305,9 @@ _EDGE_RULES: tuple[TensorRule, ...] = (
 
 _IGNORED = ("model.layers.{bid}.self_attn.rotary_emb.inv_freq",)
 
+# Llama 3.1-3.3's scaled RoPE: the factors llama.cpp's `llama` graph divides each frequency by.
+ROPE_FREQS = TensorRule("<rope factors>", "rope_freqs.weight", generated=llama3_rope_factors)
+
 # llama.cpp's `llama` graph: normal (interleaved) RoPE, so q and k rows are permuted; attention biases
 # (LlamaConfig.attention_bias) optional, the output projection's included.
 LLAMA_GGUF = GGUFPlan(
@@ -273,7 +315,10 @@ LLAMA_GGUF = GGUFPlan(
     hparams=LLAMA_HPARAMS,
     tensors=_EDGE_RULES
     + _block_rules(permute_q, permute_k, qkv_bias_optional=True)
-    + (TensorRule(f"{_BLOCK}.self_attn.o_proj.bias", "blk.{bid}.attn_output.bias", optional=True),),
+    + (
+        TensorRule(f"{_BLOCK}.self_attn.o_proj.bias", "blk.{bid}.attn_output.bias", optional=True),
+        ROPE_FREQS,
+    ),
     checks=LLAMA_CHECKS,
     ignored=_IGNORED,
 )
@@ -283,8 +328,27 @@ QWEN2_GGUF = GGUFPlan(
     arch="qwen2",
     hparams=LLAMA_HPARAMS,
     tensors=_EDGE_RULES + _block_rules(None, None, qkv_bias_optional=False),
-    checks=LLAMA_CHECKS[:2]
+    checks=DEFAULT_ROPE_CHECKS
     + (ConfigCheck("use_sliding_window", (None, False), "sliding-window attention (use_sliding_window)"),),
+    ignored=_IGNORED,
+)
+
+# llama.cpp's `qwen3` graph: Qwen2's layout without the q/k/v biases, plus an RMSNorm over each head's query
+# and key (QK-norm, `q_norm`/`k_norm`) before RoPE; the head width is the config's own `head_dim`.
+QWEN3_GGUF = GGUFPlan(
+    arch="qwen3",
+    hparams=LLAMA_HPARAMS,
+    tensors=_EDGE_RULES
+    + _block_rules(None, None, qkv_bias_optional=True)
+    + (
+        TensorRule(f"{_BLOCK}.self_attn.q_norm.weight", "blk.{bid}.attn_q_norm.weight"),
+        TensorRule(f"{_BLOCK}.self_attn.k_norm.weight", "blk.{bid}.attn_k_norm.weight"),
+    ),
+    checks=DEFAULT_ROPE_CHECKS
+    + (
+        ConfigCheck("attention_bias", (None, False), "attention biases (attention_bias)"),
+        ConfigCheck("use_sliding_window", (None, False), "sliding-window attention (use_sliding_window)"),
+    ),
     ignored=_IGNORED,
 )
 
@@ -299,6 +363,7 @@ register_plan(
     )
 )
 register_plan(ExportPlan("qwen2", gguf=QWEN2_GGUF, vllm=VLLMPlan("Qwen2ForCausalLM", "qwen2")))
+register_plan(ExportPlan("qwen3", gguf=QWEN3_GGUF, vllm=VLLMPlan("Qwen3ForCausalLM", "qwen3")))
 
 __all__ = [
     "ConfigCheck",
@@ -309,6 +374,7 @@ __all__ = [
     "LLAMA_GGUF",
     "PLANS",
     "QWEN2_GGUF",
+    "QWEN3_GGUF",
     "ROPE_HPARAMS",
     "SHAPE_HPARAMS",
     "TensorRule",
