@@ -138,6 +138,51 @@ def test_native_llama_folder_uses_its_plan(tmp_path):
     assert result.ok
 
 
+def test_a_qwen3_folder_is_checked_by_its_plan_and_its_options(tmp_path):
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=32,
+        vocab_size=128,
+    )
+    config.save_pretrained(tmp_path / "plain")
+    result = check(tmp_path / "plain")
+    assert result.ok and result.target("gguf").name == "qwen3"
+    config.use_sliding_window, config.sliding_window = True, 64
+    config.save_pretrained(tmp_path / "windowed")
+    result = check(tmp_path / "windowed")
+    assert _verdicts(result) == {**dict.fromkeys(TARGETS, True), "gguf": False}
+    assert result.target("gguf").detail.startswith("sliding-window attention (use_sliding_window) = True")
+
+
+def test_llama_3_rope_scaling_reaches_gguf_and_another_scaling_does_not(tmp_path):
+    rope = {"rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=128,
+        rope_parameters={"rope_type": "llama3", "original_max_position_embeddings": 8192, **rope},
+    )
+    config.save_pretrained(tmp_path / "llama3")
+    assert check(tmp_path / "llama3").target("gguf").ok
+    config.rope_parameters = {
+        "rope_type": "yarn",
+        "rope_theta": 1e4,
+        "factor": 4.0,
+        "original_max_position_embeddings": 2048,
+    }
+    config.save_pretrained(tmp_path / "yarn")
+    assert (
+        "RoPE scaling (rope_parameters.rope_type) = 'yarn'" in check(tmp_path / "yarn").target("gguf").detail
+    )
+
+
 def test_cli_prints_a_table_and_json(capsys):
     assert main(["arch", "check", "decoder"]) == 0
     lines = capsys.readouterr().out.splitlines()
