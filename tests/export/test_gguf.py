@@ -1,4 +1,4 @@
-"""GGUF export of `decoder` and of HF Llama/Mistral/Qwen2/Qwen3 folders, verified against transformers in llama.cpp."""
+"""GGUF export of `decoder` and of HF Llama/Mistral/Qwen2/Qwen3/OLMo 2 folders, verified against transformers in llama.cpp."""
 
 from __future__ import annotations
 
@@ -66,6 +66,7 @@ LLAMA3_ROPE = {
         ("llama", "llama-bpe", {"rope_parameters": LLAMA3_ROPE}),  # Llama 3.1's scaled RoPE
         ("qwen2", "qwen2", {}),
         ("qwen3", "qwen2", {"head_dim": 96}),  # QK-norm; a head width that is not hidden / heads
+        ("olmo2", "gpt-2", {}),  # norms after the sublayers, QK-norm over the whole projection
         ("mistral", "gpt-2", {"sliding_window": 128}),
     ],
 )
@@ -75,7 +76,7 @@ def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra)
     _assert_verified(result)
     reader = gguf.GGUFReader(result.path)
     arch = reader.fields["general.architecture"].contents()
-    assert arch == {"qwen2": "qwen2", "qwen3": "qwen3"}.get(kind, "llama")
+    assert arch == {"qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2"}.get(kind, "llama")
     assert reader.fields["tokenizer.ggml.pre"].contents() == style
     if "rope_parameters" in extra:  # the factors are transformers' own: default frequencies over scaled ones
         from transformers import AutoConfig, LlamaForCausalLM

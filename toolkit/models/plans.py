@@ -352,6 +352,32 @@ QWEN3_GGUF = GGUFPlan(
     ignored=_IGNORED,
 )
 
+# llama.cpp's `olmo2` graph: OLMo 2's norms after each sublayer (`post_attention_layernorm` and
+# `post_feedforward_layernorm` on the sublayer's output, none before it) and an RMSNorm over the whole query
+# and key projections (not per head), NEOX RoPE.
+_OLMO2_ATTN = f"{_BLOCK}.self_attn"
+OLMO2_GGUF = GGUFPlan(
+    arch="olmo2",
+    hparams=LLAMA_HPARAMS,
+    tensors=_EDGE_RULES
+    + (
+        TensorRule(f"{_OLMO2_ATTN}.q_proj.weight", "blk.{bid}.attn_q.weight"),
+        TensorRule(f"{_OLMO2_ATTN}.k_proj.weight", "blk.{bid}.attn_k.weight"),
+        TensorRule(f"{_OLMO2_ATTN}.v_proj.weight", "blk.{bid}.attn_v.weight"),
+        TensorRule(f"{_OLMO2_ATTN}.o_proj.weight", "blk.{bid}.attn_output.weight"),
+        TensorRule(f"{_OLMO2_ATTN}.q_norm.weight", "blk.{bid}.attn_q_norm.weight"),
+        TensorRule(f"{_OLMO2_ATTN}.k_norm.weight", "blk.{bid}.attn_k_norm.weight"),
+        TensorRule(f"{_BLOCK}.post_attention_layernorm.weight", "blk.{bid}.post_attention_norm.weight"),
+        TensorRule(f"{_BLOCK}.mlp.gate_proj.weight", "blk.{bid}.ffn_gate.weight"),
+        TensorRule(f"{_BLOCK}.mlp.up_proj.weight", "blk.{bid}.ffn_up.weight"),
+        TensorRule(f"{_BLOCK}.mlp.down_proj.weight", "blk.{bid}.ffn_down.weight"),
+        TensorRule(f"{_BLOCK}.post_feedforward_layernorm.weight", "blk.{bid}.post_ffw_norm.weight"),
+    ),
+    checks=DEFAULT_ROPE_CHECKS
+    + (ConfigCheck("attention_bias", (None, False), "attention biases (attention_bias)"),),
+    ignored=_IGNORED,
+)
+
 # Native transformers folders are already what vLLM serves: the export copies and normalises them.
 register_plan(ExportPlan("llama", gguf=LLAMA_GGUF, vllm=VLLMPlan("LlamaForCausalLM", "llama")))
 register_plan(
@@ -364,6 +390,7 @@ register_plan(
 )
 register_plan(ExportPlan("qwen2", gguf=QWEN2_GGUF, vllm=VLLMPlan("Qwen2ForCausalLM", "qwen2")))
 register_plan(ExportPlan("qwen3", gguf=QWEN3_GGUF, vllm=VLLMPlan("Qwen3ForCausalLM", "qwen3")))
+register_plan(ExportPlan("olmo2", gguf=OLMO2_GGUF, vllm=VLLMPlan("Olmo2ForCausalLM", "olmo2")))
 
 __all__ = [
     "ConfigCheck",
@@ -375,6 +402,7 @@ __all__ = [
     "PLANS",
     "QWEN2_GGUF",
     "QWEN3_GGUF",
+    "OLMO2_GGUF",
     "ROPE_HPARAMS",
     "SHAPE_HPARAMS",
     "TensorRule",
