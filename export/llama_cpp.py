@@ -106,18 +106,39 @@ def load_for_verification(path: Path, n_ctx: int = 512, n_threads: int | None = 
     """
     llama_cpp = _llama_cpp()
     threads = n_threads or default_threads()
-    with quiet():
-        return llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            logits_all=True,
-            type_k=0,
-            type_v=0,
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
+    try:
+        with quiet():
+            return llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                logits_all=True,
+                type_k=0,
+                type_v=0,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+            )
+    except ValueError as error:
+        raise ExportError(f"llama.cpp cannot load {path}: {error}{load_hint(path)}") from None
+
+
+def load_hint(path: Path) -> str:
+    """What is known to make llama.cpp refuse a file that is otherwise well formed."""
+    import re
+
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("general.name")
+    name = field.contents() if field is not None else ""
+    if re.search(r"phi-?3", str(name), re.IGNORECASE):
+        # Measured with llama-cpp-python 0.3.36: the same file loads under any other name.
+        return (
+            f". llama.cpp takes a model named '{name}' (general.name, from the run or folder name) for "
+            "Microsoft's Phi-3 and its vocabulary loader then fails on any other tokenizer; export it under "
+            "another name (the folder's or the run's)"
         )
+    return ""
 
 
 def chat_answers(

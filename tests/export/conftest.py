@@ -102,7 +102,7 @@ def train_briefly(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, st
 def save_model(
     kind: str, out_dir: Path, style: str = "qwen2", seed: int = 0, train: bool = False, **overrides
 ) -> Path:
-    """A tiny `kind` model (decoder, llama, qwen2, qwen3, olmo2, mistral) with a `style` tokenizer, saved to `out_dir`.
+    """A tiny `kind` model (decoder, llama, qwen2, qwen3, olmo2, phi3, mistral) with a `style` tokenizer, saved to `out_dir`.
 
     Untrained models have flat logits (fine for f32 parity); `train` makes them peaked for quant bounds.
     """
@@ -113,6 +113,8 @@ def save_model(
         MistralForCausalLM,
         Olmo2Config,
         Olmo2ForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
         Qwen3Config,
@@ -144,10 +146,11 @@ def save_model(
             "qwen2": (Qwen2Config, Qwen2ForCausalLM),
             "qwen3": (Qwen3Config, Qwen3ForCausalLM),
             "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+            "phi3": (Phi3Config, Phi3ForCausalLM),
             "mistral": (MistralConfig, MistralForCausalLM),
         }[kind]
         model = model_class(config_class(**shape))
-        if kind in ("qwen3", "olmo2"):
+        if kind in ("qwen3", "olmo2", "phi3"):
             with torch.no_grad():  # norm weights start at 1: random ones show a swapped or missing norm
                 for name, param in model.named_parameters():
                     if "norm" in name:

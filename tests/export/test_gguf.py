@@ -1,4 +1,4 @@
-"""GGUF export of `decoder` and of HF Llama/Mistral/Qwen2/Qwen3/OLMo 2 folders, verified against transformers in llama.cpp."""
+"""GGUF export of `decoder` and of HF Llama/Mistral/Qwen2/Qwen3/OLMo 2/Phi-3 folders, verified against transformers in llama.cpp."""
 
 from __future__ import annotations
 
@@ -67,18 +67,27 @@ LLAMA3_ROPE = {
         ("qwen2", "qwen2", {}),
         ("qwen3", "qwen2", {"head_dim": 96}),  # QK-norm; a head width that is not hidden / heads
         ("olmo2", "gpt-2", {}),  # norms after the sublayers, QK-norm over the whole projection
+        ("phi3", "gpt-2", {"sliding_window": 128}),  # fused qkv and gate_up
+        (
+            "phi3",
+            "gpt-2",
+            {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+        ),
         ("mistral", "gpt-2", {"sliding_window": 128}),
     ],
 )
 def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra):
-    folder = make_model(kind, tmp_path / kind, style=style, **extra)
+    # Not named after the family: llama.cpp takes a model *named* phi3 for Microsoft's Phi-3 (see below).
+    folder = make_model(kind, tmp_path / "model", style=style, **extra)
     result = export_gguf(folder, "f32", tmp_path / f"{kind}.gguf")
     _assert_verified(result)
     reader = gguf.GGUFReader(result.path)
     arch = reader.fields["general.architecture"].contents()
-    assert arch == {"qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2"}.get(kind, "llama")
+    assert arch == {"qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2", "phi3": "phi3"}.get(kind, "llama")
     assert reader.fields["tokenizer.ggml.pre"].contents() == style
-    if "rope_parameters" in extra:  # the factors are transformers' own: default frequencies over scaled ones
+    if (
+        kind == "llama" and "rope_parameters" in extra
+    ):  # the factors are transformers' own: default frequencies over scaled ones
         from transformers import AutoConfig, LlamaForCausalLM
 
         rotary = LlamaForCausalLM(AutoConfig.from_pretrained(folder)).model.rotary_emb
@@ -86,8 +95,8 @@ def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra)
         factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
         np.testing.assert_allclose(factors, (default / rotary.inv_freq.double()).numpy(), rtol=1e-5)
         assert factors.min() == 1.0 and factors.max() == pytest.approx(8.0)
-    if kind == "mistral":  # the window, not max_position_embeddings, is what llama.cpp can run exactly
-        assert reader.fields["llama.context_length"].contents() == 128
+    if "sliding_window" in extra:  # the window, not max_position_embeddings, is what llama.cpp runs exactly
+        assert reader.fields[f"{arch}.context_length"].contents() == 128
     q8 = export_gguf(folder, "q8_0", tmp_path / f"{kind}-q8_0.gguf")
     _assert_verified(q8)
 
@@ -110,6 +119,16 @@ def test_run_folder_resolves_to_its_last_model_stage_in_recipe_order(decoder_dir
     result = export_gguf(run, "f16", verify=False)
     assert result.path == run / "gguf" / "demo-f16.gguf"
     assert gguf.GGUFReader(result.path).fields["general.name"].contents() == "demo"
+
+
+def test_llama_cpps_phi3_name_trap_is_named(make_model, tmp_path):
+    """llama.cpp's vocabulary loader takes a file whose general.name says phi3 for Microsoft's Phi-3 and fails
+    on another tokenizer; the export says so instead of passing on llama.cpp's bare refusal."""
+    folder = make_model("phi3", tmp_path / "my-phi3", style="gpt-2")
+    with pytest.raises(
+        ExportError, match=r"llama.cpp cannot load .*named 'my-phi3' .* for Microsoft's Phi-3"
+    ):
+        export_gguf(folder, "f32", tmp_path / "m.gguf")
 
 
 def test_unknown_tensor_is_refused_before_writing(decoder_dir, tmp_path):

@@ -56,6 +56,14 @@ def rope_type(config: Config) -> str:
     )
 
 
+def rotary_dims(config: Config) -> int:
+    """How many dimensions of each head RoPE rotates: all, or `partial_rotary_factor` of them (Phi-4-mini)."""
+    factor = config_value(config, "rope_parameters.partial_rotary_factor") or config.get(
+        "partial_rotary_factor"
+    )
+    return int(head_dim(config) * (factor or 1.0))
+
+
 def rope_scaling_value(config: Config, key: str) -> Any:
     """A RoPE scaling parameter (`factor`, `low_freq_factor`, ...) from `rope_parameters` (transformers 5) or
     the older `rope_scaling`."""
@@ -378,6 +386,27 @@ OLMO2_GGUF = GGUFPlan(
     ignored=_IGNORED,
 )
 
+# llama.cpp's `phi3` graph (Phi-3, Phi-3.5, Phi-4-mini): the checkpoint's fused query/key/value projection and
+# fused gate/up projection as they are (llama.cpp splits them the same way: q, k, v rows in turn; the first
+# half of gate_up gated by SiLU, times the second), NEOX RoPE over `partial_rotary_factor` of each head.
+# Phi-3's long-context RoPE (`longrope`, two factor tables) is not written: refused by key.
+PHI3_GGUF = GGUFPlan(
+    arch="phi3",
+    hparams=tuple(h for h in LLAMA_HPARAMS if h.key != "{arch}.rope.dimension_count")
+    + (HParam("{arch}.rope.dimension_count", rotary_dims),),
+    tensors=_EDGE_RULES
+    + (
+        TensorRule(f"{_BLOCK}.input_layernorm.weight", "blk.{bid}.attn_norm.weight"),
+        TensorRule(f"{_BLOCK}.self_attn.qkv_proj.weight", "blk.{bid}.attn_qkv.weight"),
+        TensorRule(f"{_BLOCK}.self_attn.o_proj.weight", "blk.{bid}.attn_output.weight"),
+        TensorRule(f"{_BLOCK}.post_attention_layernorm.weight", "blk.{bid}.ffn_norm.weight"),
+        TensorRule(f"{_BLOCK}.mlp.gate_up_proj.weight", "blk.{bid}.ffn_up.weight"),
+        TensorRule(f"{_BLOCK}.mlp.down_proj.weight", "blk.{bid}.ffn_down.weight"),
+    ),
+    checks=DEFAULT_ROPE_CHECKS,
+    ignored=_IGNORED,
+)
+
 # Native transformers folders are already what vLLM serves: the export copies and normalises them.
 register_plan(ExportPlan("llama", gguf=LLAMA_GGUF, vllm=VLLMPlan("LlamaForCausalLM", "llama")))
 register_plan(
@@ -391,6 +420,14 @@ register_plan(
 register_plan(ExportPlan("qwen2", gguf=QWEN2_GGUF, vllm=VLLMPlan("Qwen2ForCausalLM", "qwen2")))
 register_plan(ExportPlan("qwen3", gguf=QWEN3_GGUF, vllm=VLLMPlan("Qwen3ForCausalLM", "qwen3")))
 register_plan(ExportPlan("olmo2", gguf=OLMO2_GGUF, vllm=VLLMPlan("Olmo2ForCausalLM", "olmo2")))
+register_plan(
+    ExportPlan(
+        "phi3",
+        gguf=PHI3_GGUF,
+        vllm=VLLMPlan("Phi3ForCausalLM", "phi3"),
+        notes=("a sliding window shorter than max_position_embeddings becomes the GGUF context length",),
+    )
+)
 
 __all__ = [
     "ConfigCheck",
@@ -403,6 +440,7 @@ __all__ = [
     "QWEN2_GGUF",
     "QWEN3_GGUF",
     "OLMO2_GGUF",
+    "PHI3_GGUF",
     "ROPE_HPARAMS",
     "SHAPE_HPARAMS",
     "TensorRule",
