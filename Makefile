@@ -18,12 +18,17 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
 
-# DeepSpeed (the ZeRO configs' own config check runs in the tests; ZeRO itself needs GPUs) ships only an sdist
-# whose build imports torch: built against this environment's torch, as an isolated build would fetch another
-# (a CUDA build, gigabytes); its ops compile at first use, DeepSpeed's default.
+# DeepSpeed, for the ZeRO configs' own config check in the tests (ZeRO itself needs GPUs), lives beside the main
+# environment, not in it: once installed, every process that saves a model imports it (Accelerate's unwrapping
+# does), 1.4 s and an accelerator warning each. .venv-deepspeed sees .venv's packages through a .pth file and
+# adds DeepSpeed at the lock's version; its sdist build imports torch, so it is built against .venv's torch (an
+# isolated build would fetch another, a CUDA build of gigabytes). Its ops compile at first use, its default.
 DEEPSPEED := deepspeed$(shell sed -n 's/^gpu = .*"deepspeed\([^"]*\)".*/\1/p' pyproject.toml)
+DS_VENV ?= .venv-deepspeed
+DS_STAMP := $(DS_VENV)/.installed
+PURELIB := import sysconfig; print(sysconfig.get_paths()["purelib"])
 
-.PHONY: demo test test-latest lock vllm-env test-vllm lock-vllm test-gpu lock-gpu lint format bench clean
+.PHONY: demo test test-latest lock vllm-env deepspeed-env test-vllm lock-vllm test-gpu lock-gpu lint format bench clean
 
 # torch first, at the lock's version (a local CPU wheel where pip's find-links has one), so that nothing after
 # it can swap it for another build; llama-cpp-python from a portable wheel (.ci/llama-cpp-wheel says why);
@@ -33,9 +38,17 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) $(TORCH_FROM) torch
 	wheels=$$(.ci/llama-cpp-wheel $(PY) "$(LLAMA_CPP_VERSION)") && \
 		$(PY) -m pip install -q -c $(LOCK) --only-binary llama-cpp-python --find-links "$$wheels" -e '.[dev]'
-	$(PY) -m pip install -q --no-build-isolation -c $(LOCK) '$(DEEPSPEED)'
 	$(PY) -m pip check
 	touch $(STAMP)
+
+$(DS_STAMP): $(STAMP)
+	rm -rf $(DS_VENV) && python3 -m venv $(DS_VENV)
+	$(PY) -c '$(PURELIB)' > "$$($(DS_VENV)/bin/python -c '$(PURELIB)')/forge-main.pth"
+	$(DS_VENV)/bin/python -m pip install -q --no-build-isolation -c $(LOCK) '$(DEEPSPEED)'
+	$(DS_VENV)/bin/python -m pip check
+	touch $(DS_STAMP)
+
+deepspeed-env: $(DS_STAMP)
 
 demo: $(STAMP)
 	# All cores: a demo machine is otherwise idle (tests keep one thread per process).
@@ -46,7 +59,7 @@ demo: $(STAMP)
 # shared fixtures (a trained tiny run, an export) are built once, handed out in the order tests/conftest.py
 # gives them (the longest files first, not xdist's largest-first); the 20 slowest tests are listed at the end.
 TEST_WORKERS ?= auto
-test: $(STAMP)
+test: $(STAMP) $(DS_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -m "not vllm" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20

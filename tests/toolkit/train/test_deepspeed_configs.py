@@ -2,56 +2,49 @@
 check as a stage hands them over: the environment Accelerate's launcher gives its processes for the file, read
 by Accelerate's DeepSpeed plugin, the "auto" values filled from the stage's trainer arguments by transformers
 (as Trainer does), checked by `deepspeed.runtime.config.DeepSpeedConfig`. A config DeepSpeed refuses fails the
-stage before training, with DeepSpeed's words. Running ZeRO needs GPUs; the check does not."""
+stage before training, with DeepSpeed's words. The check runs in the DeepSpeed environment (`make
+deepspeed-env`, which `make test` sets up: DeepSpeed stays out of the main one), through
+tests/toolkit/train/deepspeed_launch.py. Running ZeRO needs GPUs; the check does not."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
-from toolkit.errors import ToolkitError
-from toolkit.train.fit import preflight_deepspeed
+import yaml
 
 ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = [
     c for c in sorted((ROOT / "recipes" / "accelerate").glob("*.yaml")) if "DEEPSPEED" in c.read_text()
 ]
 
-pytest.importorskip(
-    "deepspeed", reason="DeepSpeed is installed by make test (pip install --no-build-isolation)"
-)
+
+def deepspeed_python() -> str | None:
+    """The DeepSpeed environment's Python, or this one where DeepSpeed is installed (a GPU environment)."""
+    beside = ROOT / ".venv-deepspeed" / "bin" / "python"
+    if beside.exists():
+        return str(beside)
+    return sys.executable if importlib.util.find_spec("deepspeed") else None
 
 
-def launch_env(config: Path) -> dict[str, str]:
-    """What `accelerate launch --config_file CONFIG -m toolkit.train R` sets for its DeepSpeed processes,
-    computed by Accelerate's own launcher functions."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env
-
-    args = launch_command_parser().parse_args(["--config_file", str(config), "-m", "toolkit.train", "r.yaml"])
-    args, defaults, mixed_precision_from_config = _validate_launch_command(args)
-    fields = list(defaults.deepspeed_config) if defaults else []
-    if mixed_precision_from_config:
-        fields.append("mixed_precision")
-    args.deepspeed_fields_from_accelerate_config = ",".join(fields)
-    _, env = prepare_deepspeed_cmd_env(args)
-    return {k: v for k, v in env.items() if k.startswith("ACCELERATE_")}
-
-
-def trainer_args(tmp_path: Path):
-    from trl import SFTConfig
-
-    return SFTConfig(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=4,
-        learning_rate=3e-4,
-        max_grad_norm=0.5,
-        report_to="none",
-        use_cpu=True,
+def checked(launch_config: Path, tmp_path: Path) -> dict:
+    python = deepspeed_python()
+    if python is None:
+        pytest.skip("needs DeepSpeed: `make deepspeed-env` sets up its environment")
+    done = subprocess.run(
+        [python, "-m", "tests.toolkit.train.deepspeed_launch", str(launch_config), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""},
     )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_the_zero_2_and_3_configs_are_shipped():
@@ -59,12 +52,8 @@ def test_the_zero_2_and_3_configs_are_shipped():
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda c: c.stem)
-def test_each_shipped_zero_config_passes_deepspeeds_own_check(path, tmp_path, monkeypatch):
-    import yaml
-
-    for key, value in launch_env(path).items():
-        monkeypatch.setenv(key, value)
-    config = preflight_deepspeed("sft", trainer_args(tmp_path))
+def test_each_shipped_zero_config_passes_deepspeeds_own_check(path, tmp_path):
+    config = checked(path, tmp_path)["config"]
     stage = yaml.safe_load(path.read_text())["deepspeed_config"]["zero_stage"]
     assert config["zero_optimization"]["stage"] == stage
     # The trainer's own values, where the launcher's config left "auto".
@@ -74,7 +63,7 @@ def test_each_shipped_zero_config_passes_deepspeeds_own_check(path, tmp_path, mo
         assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
 
 
-def test_a_deepspeed_file_with_a_misspelt_key_fails_the_stage_before_training(tmp_path, monkeypatch):
+def test_a_deepspeed_file_with_a_misspelt_key_fails_the_stage_before_training(tmp_path):
     ds = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
@@ -86,17 +75,19 @@ def test_a_deepspeed_file_with_a_misspelt_key_fails_the_stage_before_training(tm
         f"deepspeed_config:\n  deepspeed_config_file: {tmp_path / 'ds.json'}\n  zero3_init_flag: false\n"
         "num_machines: 1\nnum_processes: 2\nmachine_rank: 0\nuse_cpu: false\n"
     )
-    for key, value in launch_env(tmp_path / "launch.yaml").items():
-        monkeypatch.setenv(key, value)
-    with pytest.raises(
-        ToolkitError, match=r"stages\.sft: DeepSpeed refuses .*overlap_com.*did you mean .overlap_comm.\?"
-    ):
-        preflight_deepspeed("sft", trainer_args(tmp_path))
+    error = checked(tmp_path / "launch.yaml", tmp_path)["error"]
+    assert error.startswith("stages.sft: DeepSpeed refuses the launch's DeepSpeed config")
+    assert "overlap_com" in error and "(did you mean 'overlap_comm'?)" in error
 
 
 def test_without_a_deepspeed_launch_nothing_is_checked(tmp_path, monkeypatch):
+    from trl import SFTConfig
+
+    from toolkit.train.fit import preflight_deepspeed
+
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    assert preflight_deepspeed("sft", trainer_args(tmp_path)) is None
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
+    assert preflight_deepspeed("sft", args) is None
 
 
 @pytest.mark.gpu
