@@ -110,6 +110,7 @@ lock-vllm:
 # through the same suite. Green here, `make lock` writes them into the lock.
 LATEST_VENV ?= .venv-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
+LATEST_DS := $(LATEST_VENV)-deepspeed
 test-latest:
 	rm -rf $(LATEST_VENV) && python3 -m venv $(LATEST_VENV)
 	grep '^torch==' $(LOCK) > $(LATEST_VENV)/torch.txt
@@ -121,12 +122,15 @@ test-latest:
 		$(LATEST_VENV)/resolve.json) && wheels=$$(.ci/llama-cpp-wheel $(LATEST_PY) "$$version") && \
 		$(LATEST_PY) -m pip install -q -c $(LATEST_VENV)/torch.txt --only-binary llama-cpp-python \
 		--find-links "$$wheels" -e '.[dev]'
-	$(LATEST_PY) -m pip install -q --no-build-isolation -c $(LATEST_VENV)/torch.txt '$(DEEPSPEED)'
 	$(LATEST_PY) -m pip check
+	rm -rf $(LATEST_DS) && python3 -m venv $(LATEST_DS)
+	$(LATEST_PY) -c '$(PURELIB)' > "$$($(LATEST_DS)/bin/python -c '$(PURELIB)')/forge-main.pth"
+	$(LATEST_DS)/bin/python -m pip install -q --no-build-isolation -c $(LATEST_VENV)/torch.txt '$(DEEPSPEED)'
+	$(LATEST_DS)/bin/python -m pip check
 	$(LATEST_PY) -m pip freeze --exclude-editable | grep -E '^(transformers|trl|peft|accelerate|datasets|tokenizers|safetensors|gguf|lm_eval|huggingface_hub|llama_cpp_python)=='
 	$(LATEST_VENV)/bin/ruff check .
 	$(LATEST_VENV)/bin/ruff format --check .
-	$(LATEST_PY) -m pytest -q
+	FORGE_DEEPSPEED_PYTHON=$(LATEST_DS)/bin/python $(LATEST_PY) -m pytest -q
 
 # Write what test-latest installed (and passed with) into the lock, as name==version (`pip list`, which unlike
 # `pip freeze` never writes a wheel's file URL); torch without its local build tag, so the constraint holds for
@@ -134,8 +138,9 @@ test-latest:
 lock: test-latest
 	{ echo "# The tested set for make demo / make test: written by 'make lock' (after 'make test-latest' passed)"; \
 	  echo "# on $$(uname -s) $$(uname -m), $$($(LATEST_PY) --version). Edit pyproject.toml's ranges, not this file."; \
-	  $(LATEST_PY) -m pip list --format=freeze --exclude-editable | grep -vE '^(pip|setuptools|wheel)==' \
-		| sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).tmp
+	  { $(LATEST_PY) -m pip list --format=freeze --exclude-editable; \
+	    $(LATEST_DS)/bin/python -m pip list --format=freeze --path "$$($(LATEST_DS)/bin/python -c '$(PURELIB)')"; } \
+		| grep -vE '^(pip|setuptools|wheel)==' | sort -f | sed -E 's/^(torch==[^+]+)\+.*/\1/'; } > $(LOCK).tmp
 	mv $(LOCK).tmp $(LOCK)
 
 # On a machine with a CUDA GPU: the GPU tests and vLLM's (on the GPU build, which this environment imports

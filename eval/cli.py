@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from toolkit.io import print_result
+
 
 def is_task_file(tasks: str | None) -> bool:
     """`--tasks` names a checkable-task file (task, prompt, answer rows) rather than lm-eval tasks."""
@@ -113,7 +115,7 @@ def run_analysis(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"## {src}\n{analysis_text(result)}\nresults: {out / 'analysis.json'}\n")
     if args.json:
-        print(json.dumps(results[args.model[0]] if len(results) == 1 else results))
+        print_result(json.dumps(results[args.model[0]] if len(results) == 1 else results))
     return 0
 
 
@@ -141,7 +143,7 @@ def run_win_rate(args: argparse.Namespace) -> int:
     out = model.eval_dir / time.strftime("%Y%m%d-%H%M%S")
     table = save_win_rate(out, result, verdicts)
     if args.json:
-        print(json.dumps(result))
+        print_result(json.dumps(result))
     else:
         print(table)
         print(f"verdicts: {out / 'verdicts.jsonl'}")
@@ -169,7 +171,7 @@ def run_harness(args: argparse.Namespace) -> int:
     )
     if args.json:
         mappings = {src: result["results"] for src, result in rows.items()}
-        print(json.dumps(mappings[args.model[0]] if len(rows) == 1 else mappings))
+        print_result(json.dumps(mappings[args.model[0]] if len(rows) == 1 else mappings))
     else:
         print(markdown_table(rows))
         for result in rows.values():

@@ -11,6 +11,7 @@ from export.gguf import QUANTS, ExportResult, export_gguf
 from export.ollama import export_ollama
 from export.report import markdown_table, report_path
 from toolkit.errors import ToolkitError
+from toolkit.io import print_result
 
 
 def _common(parser: argparse.ArgumentParser, default_quant: str) -> None:
@@ -148,7 +149,7 @@ def run_arch_check(args: argparse.Namespace) -> int:
     from export.check import check, format_check
 
     result = check(args.name)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else format_check(result))
+    print_result(json.dumps(result.to_dict(), indent=2) if args.json else format_check(result))
     return 0 if result.ok else 1
 
 

@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from toolkit.errors import ToolkitError
-from toolkit.io import human_bytes
+from toolkit.io import human_bytes, print_result, result_on_stdout
 
 CLI_ENTRY_POINTS = "forge_toolkit.cli"
 
@@ -133,7 +133,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         if len(args.pair) != 2:
             raise ToolkitError("toolkit runs compare A B: two run folders")
         diff = compare(run_folder(args.pair[0]), run_folder(args.pair[1]))
-        print(json.dumps(diff, indent=2, default=str) if args.json else compare_text(diff))
+        print_result(json.dumps(diff, indent=2, default=str) if args.json else compare_text(diff))
         return 0
     if args.pair:
         raise ToolkitError(
@@ -143,7 +143,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not runs:
         raise ToolkitError(f"no run folders (a recipe.yaml inside) in {args.dir}")
     rows = [run_row(run) for run in runs]
-    print(json.dumps(rows, indent=2) if args.json else runs_table(rows))
+    print_result(json.dumps(rows, indent=2) if args.json else runs_table(rows))
     return 0
 
 
@@ -168,7 +168,7 @@ def cmd_merge_adapter(args: argparse.Namespace) -> int:
     report = merge_adapter(
         adapter, Path(args.out) if args.out else default, base=args.base, prompts=args.prompt
     )
-    print(json.dumps(vars(report), indent=2) if args.json else format_report(report))
+    print_result(json.dumps(vars(report), indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -185,7 +185,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         where=args.config,
     )
-    print(json.dumps(vars(report), indent=2, default=str) if args.json else format_report(report))
+    print_result(json.dumps(vars(report), indent=2, default=str) if args.json else format_report(report))
     return 0
 
 
@@ -364,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
+        with result_on_stdout(bool(getattr(args, "json", False))):
+            return args.func(args)
     except ToolkitError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -6,10 +6,11 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 
 @contextlib.contextmanager
@@ -66,3 +67,29 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 def human_bytes(n: float) -> str:
     """A size for people: MiB below a quarter GiB, GiB above."""
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+# Where a command's machine-readable result goes. Under `--json` the command's other prints and every library's
+# log lines go to stderr instead, so that stdout holds the JSON alone (DeepSpeed, when installed, logs an
+# accelerator warning to stdout as Accelerate imports it while a model is saved).
+_RESULT_STREAM: TextIO | None = None
+
+
+@contextlib.contextmanager
+def result_on_stdout(active: bool) -> Iterator[None]:
+    """While active, `sys.stdout` is stderr and only `print_result` writes to the real stdout."""
+    global _RESULT_STREAM
+    if not active:
+        yield
+        return
+    _RESULT_STREAM = sys.stdout
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _RESULT_STREAM = None
+
+
+def print_result(text: str) -> None:
+    """Print a command's result: to stdout, also while `result_on_stdout` sends other output to stderr."""
+    print(text, file=_RESULT_STREAM or sys.stdout, flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,10 @@ SHIPPED = [
 
 
 def deepspeed_python() -> str | None:
-    """The DeepSpeed environment's Python, or this one where DeepSpeed is installed (a GPU environment)."""
+    """The DeepSpeed environment's Python (FORGE_DEEPSPEED_PYTHON, else `.venv-deepspeed`), or this one where
+    DeepSpeed is installed (a GPU environment)."""
+    if named := os.environ.get("FORGE_DEEPSPEED_PYTHON"):
+        return named
     beside = ROOT / ".venv-deepspeed" / "bin" / "python"
     if beside.exists():
         return str(beside)
@@ -41,7 +45,7 @@ def checked(launch_config: Path, tmp_path: Path) -> dict:
         text=True,
         timeout=300,
         cwd=ROOT,
-        env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""},
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

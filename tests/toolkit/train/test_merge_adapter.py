@@ -133,3 +133,24 @@ def test_a_stage_with_full_weights_has_nothing_to_merge(run_dir):
         f"error: {run_dir / 'pretrain' / 'final'} holds full weights, not a LoRA adapter: there is nothing "
         "to merge"
     )
+
+
+def test_json_output_stays_json_where_a_library_logs_to_stdout(run_dir, tmp_path):
+    """With DeepSpeed installed (its environment), saving a model imports it, and it logs an accelerator
+    warning to stdout: under `--json` that line goes to stderr and stdout holds the JSON alone."""
+    from tests.toolkit.train.test_deepspeed_configs import deepspeed_python
+
+    python = deepspeed_python()
+    if python is None:
+        pytest.skip("needs DeepSpeed: `make deepspeed-env` sets up its environment")
+    out = tmp_path / "merged"
+    done = subprocess.run(
+        [python, "-c", "import sys; from toolkit.cli import main; sys.exit(main())"]
+        + ["merge-adapter", str(run_dir), "--out", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "real_accelerator" in done.stderr  # DeepSpeed was imported, and said so on stderr
+    assert json.loads(done.stdout)["out"] == str(out)
