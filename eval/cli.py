@@ -39,7 +39,7 @@ def run_eval(args: argparse.Namespace) -> int:
     model, tokenizer = load_model_folder(model_folder_of(args.model[0])[0])
     options = EvalOptions(tasks=args.tasks, perplexity=args.perplexity, limit=args.limit, stride=args.stride)
     result = evaluate_model(model, tokenizer, asdict(options))
-    print(json.dumps(result, indent=2))
+    print_result(json.dumps(result, indent=2))
     return 0
 
 
@@ -62,7 +62,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
             "text": args.perplexity,
         }
     if len(rows) == 1:
-        print(json.dumps({"perplexity": next(iter(rows.values()))}, indent=2))
+        print_result(json.dumps({"perplexity": next(iter(rows.values()))}, indent=2))
         return 0
     print("| artifact | dtype | perplexity | tokens |\n|---|---|---:|---:|")
     for src, result in rows.items():

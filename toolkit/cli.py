@@ -74,7 +74,7 @@ def cmd_arch_info(args: argparse.Namespace) -> int:
     config = build_config(args.preset)
     estimate = memory_estimate(config)
     if args.json:
-        print(
+        print_result(
             json.dumps(
                 {"preset": preset.name, "arch": preset.arch, "quoted": preset.quoted, **estimate}, indent=2
             )
