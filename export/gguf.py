@@ -89,6 +89,11 @@ class TensorJob:
     ternarize: bool = False
 
     @property
+    def in_checkpoint(self) -> bool:
+        """Whether the tensor is read from the checkpoint (not zeros, not computed from the config)."""
+        return not (self.zero_filled or self.generated)
+
+    @property
     def nbytes(self) -> int:
         return int(np.prod(gguf.quant_shape_to_byte_shape(self.shape, self.qtype)))
 
@@ -249,7 +254,7 @@ def ternary_summary(checkpoint: Checkpoint, jobs: list[TensorJob], file_bytes: i
     zeros: dict[str, float] = {}
     zero_count = ternary_count = total = 0
     for job in jobs:
-        if job.zero_filled or job.generated:
+        if not job.in_checkpoint:
             continue
         count = int(np.prod(job.shape))
         total += count
@@ -564,7 +569,7 @@ def export_gguf(
         if spec.llama_cpp:
             from export.llama_cpp import quantize_with_llama_cpp
 
-            read = [job.source_dtype for job in jobs if not (job.zero_filled or job.generated)]
+            read = [job.source_dtype for job in jobs if job.in_checkpoint]
             widest = max(read, key=lambda d: {"F32": 2, "F16": 1}.get(d, 0))
             base = QUANTS[INTERMEDIATE.get(widest, "f32")]
             assign_types(jobs, base)

@@ -43,13 +43,8 @@ class BitNetOptions:
     groups: int | list[list[str]] | None = None
     max_drop: float = 0.10  # the largest relative drop of `measure` from the full-precision model accepted
     measure: str | None = None  # perplexity | accuracy | answer_nll (default: perplexity if eval has it)
-    on_drop: str = (
-        "fallback"  # a group past the bound: "fallback" keeps it full precision and goes on; "stop"
-    )
-
-    @property
-    def staged(self) -> bool:
-        return self.groups is not None
+    # A group past the bound: "fallback" keeps it in full precision and goes on; "stop" keeps the rest so too.
+    on_drop: str = "fallback"
 
 
 def _excluded(name: str, patterns: list[str]) -> bool:

@@ -163,13 +163,13 @@ def run_staged(
     options: BitNetOptions,
     folder: Path,
     evaluate: Callable[[torch.nn.Module], dict[str, Any]],
-    train: Callable[[torch.nn.Module, int], int],
+    train: Callable[[torch.nn.Module, int, int], int],
     log: Callable[[dict[str, Any]], None] = lambda record: None,
     resume: bool = False,
     name: str = "stage",
 ) -> dict[str, Any]:
     """Quantize `model` (full precision, in place) group by group. `evaluate(model)` is the stage's `eval:`
-    result; `train(model, group_index)` trains one phase and returns its steps; `log` gets each group's
+    result; `train(model, group_index, steps_so_far)` trains one phase and returns its steps; `log` gets each group's
     figures for `metrics.jsonl`. With `resume`, groups that `<folder>/quantization.json` records as decided
     are not run again: their layers and the weights after the last one (kept beside it) are restored."""
     measure = options.measure or "perplexity"
@@ -213,7 +213,7 @@ def run_staged(
             continue
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
         convert_layers(model, group)
-        record["steps"] += train(model, index)
+        record["steps"] += train(model, index, record["steps"])
         result = evaluate(model)
         value = score(result, measure)
         drop = relative_drop(measure, base, value)

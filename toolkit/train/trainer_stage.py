@@ -504,8 +504,7 @@ def run_staged(
         with torch.no_grad():
             return hook(ctx, StageOutcome(model=model, tokenizer=tokenizer), stage.eval)
 
-    def train_group(model: PreTrainedModel, index: int) -> int:
-        offset = index * int(stage.train.get("max_steps") or 0)
+    def train_group(model: PreTrainedModel, index: int, offset: int) -> int:
         trainer = build_trainer(
             ctx,
             model,

@@ -70,7 +70,7 @@ class Scripted:
     def evaluate(self, model: torch.nn.Module) -> dict:
         return {"perplexity": {"perplexity": self.scores.pop(0)}}
 
-    def train(self, model: torch.nn.Module, index: int) -> int:
+    def train(self, model: torch.nn.Module, index: int, steps_so_far: int) -> int:
         if index == self.fail_at:
             raise KeyboardInterrupt  # the run is killed during this group's training
         self.trained.append(index)
