@@ -32,7 +32,6 @@ from export.gguf import Checkpoint, check_config, gguf_plan, plan_tensors
 from export.vllm import (
     Route,
     choose_route,
-    remote_code_architecture,
     remote_code_files,
     rename,
     require_attention_backend,
@@ -250,7 +249,8 @@ def _remote_code(model_type: str) -> TargetVerdict:
             "remote-code", True, f"not needed: transformers' own `{class_name}` loads the folder", class_name
         )
     try:
-        arch = remote_code_architecture(model_type, vllm_plan(model_type))
+        # The Hub folder carries the modelling files whatever vLLM can serve: no vLLM plan is read.
+        arch = ARCHITECTURES[model_type]
         files, auto_map = remote_code_files(arch)
     except ExportError as error:
         return _blocked("remote-code", error)

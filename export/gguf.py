@@ -420,10 +420,11 @@ def assign_types(jobs: list[TensorJob], spec: QuantSpec) -> None:
 
 def gguf_plan(model_type: str) -> GGUFPlan:
     """The GGUF part of `model_type`'s export plan, or an error saying there is none."""
-    plan = get_plan(model_type).gguf
-    if plan is None:
-        raise ExportError(f"architecture '{model_type}' declares no GGUF export in its plan")
-    return plan
+    export_plan = get_plan(model_type)
+    if export_plan.gguf is None:
+        why = export_plan.gguf_blocker or "it declares no GGUF export in its plan"
+        raise ExportError(f"architecture '{model_type}' cannot become a GGUF file: {why}")
+    return export_plan.gguf
 
 
 def check_config(plan: GGUFPlan, config: Config) -> None:

@@ -23,8 +23,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 TOOLKIT = str(Path(sys.executable).parent / "toolkit")
 # The architectures that reach every export target. The BitNet family (transformers' BitNet) reaches GGUF only,
-# and only with SiLU: test_arch_check_names_what_blocks_the_bitnet_family.
-ARCHS = sorted(a for a in ARCHITECTURES if a != "bitnet")
+# and only with SiLU: test_arch_check_names_what_blocks_the_bitnet_family; cognate reaches the Hub remote-code
+# folder only: test_cognate_exports_refuse_before_writing.
+ARCHS = sorted(a for a in ARCHITECTURES if a not in ("bitnet", "cognate"))
 
 
 def toolkit(*args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
@@ -64,6 +65,20 @@ def test_arch_check_names_what_blocks_the_bitnet_family(tmp_path):
     assert "activation (hidden_act" in verdicts["gguf"]["detail"] and "'relu2'" in verdicts["gguf"]["detail"]
     assert "quant_method: bitnet" in verdicts["vllm-native"]["detail"]
     assert verdicts["remote-code"]["ok"] and verdicts["remote-code"]["name"] == "BitNetForCausalLM"
+
+
+def test_cognate_exports_refuse_before_writing(tmp_path):
+    save_preset_model("cognate-tiny", tmp_path / "model")
+    checked = toolkit("arch", "check", "model", "--json", cwd=tmp_path, ok=False)
+    assert checked.returncode == 1
+    verdicts = {v["target"]: v for v in json.loads(checked.stdout)["targets"]}
+    assert "llama.cpp's graphs run each block once per token" in verdicts["gguf"]["detail"]
+    assert "one KV cache per attention module" in verdicts["vllm-transformers"]["detail"]
+    assert verdicts["remote-code"]["ok"] and verdicts["remote-code"]["name"] == "CognateForCausalLM"
+    for args in (("gguf", "model", "--out", "m.gguf"), ("vllm", "model", "--out", "vllm")):
+        refused = toolkit("export", *args, cwd=tmp_path, ok=False)
+        assert refused.returncode != 0 and "cognate" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
 @pytest.mark.parametrize("quant", ["f32", "q8_0"])

@@ -205,6 +205,59 @@ register_architecture(
     ],
 )
 
+# TRM-style recursion with a Titans MAG memory and ACT halting (toolkit/models/cognate/).
+register_architecture(
+    Architecture(
+        name="cognate",
+        config="toolkit.models.cognate.configuration_cognate:CognateConfig",
+        base_model="toolkit.models.cognate.modeling_cognate:CognateModel",
+        causal_lm="toolkit.models.cognate.modeling_cognate:CognateForCausalLM",
+        sequence_classification="toolkit.models.cognate.modeling_cognate:CognateForSequenceClassification",
+        # PEFT's "all-linear" set: the memory's projections share the attention's names; its rates, the MAG
+        # gate and the halting head are adapted too.
+        adapter_targets=(
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+            "rates",
+            "memory_gate",
+            "halt_head",
+        ),
+        plan_module="toolkit.models.cognate.export_plan",
+        # No DFS merge: a block's input is a sum of streams, so a layer scale does not fold into weights.
+        residual_writers=(),
+        description="recursive refinement (TRM) with a gated long-term memory (Titans MAG) and ACT halting",
+    ),
+    [
+        Preset("cognate-tiny", "cognate", {}, "for tests and the CPU demo"),
+        # The seed's size: ~25M parameters, 8 blocks, a 32000 vocabulary.
+        Preset(
+            "cognate-25m",
+            "cognate",
+            dict(
+                vocab_size=32000,
+                hidden_size=320,
+                intermediate_size=864,
+                num_hidden_layers=8,
+                num_attention_heads=8,
+                max_position_embeddings=2048,
+                sliding_window=256,
+                memory_heads=8,
+                memory_dim=40,
+                h_cycles=2,
+                l_cycles=3,
+                supervision_steps=4,
+                halting="adaptive",
+            ),
+            "the seed's ~25M, 8 blocks",
+        ),
+    ],
+)
+
 # The model classes, importable from here; each is loaded on first access, with the Auto classes registered.
 __getattr__ = lazy_classes(
     __name__,

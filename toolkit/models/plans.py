@@ -213,6 +213,8 @@ class ExportPlan:
     gguf: GGUFPlan | None = None
     vllm: VLLMPlan | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # Why there is no GGUF form (gguf is None), in the words the exporter refuses with.
+    gguf_blocker: str | None = None
 
 
 PLANS: dict[str, ExportPlan] = {}

@@ -204,10 +204,16 @@ def memory_estimate(config: PreTrainedConfig) -> dict[str, Any]:
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     context = getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0)
-    kv_values_per_token = 2 * config.num_hidden_layers * kv_heads * head_dim
+    # One KV slot per block application: a recursive architecture (cognate) names how many it fills
+    # (`cache_layers`); a sliding window keeps only its last tokens.
+    slots = getattr(config, "cache_layers", None) or config.num_hidden_layers
+    kept = min(context, getattr(config, "sliding_window", None) or context)
+    kv_values = 2 * slots * kv_heads * head_dim * kept
+    # A recurrent memory keeps fixed-size state per slot (cognate: two memory_dim^2 matrices per head).
+    state_values = slots * 2 * getattr(config, "memory_heads", 0) * getattr(config, "memory_dim", 0) ** 2
     # The KV cache stays 16-bit for 16-bit and quantized weights (what llama.cpp and vLLM do by default).
     inference = {
-        dtype: {"weights": n * size, "kv_cache": kv_values_per_token * context * (4 if size == 4 else 2)}
+        dtype: {"weights": n * size, "kv_cache": (kv_values + state_values) * (4 if size == 4 else 2)}
         for dtype, size in BYTES_PER_PARAM.items()
     }
     training = {
@@ -216,4 +222,12 @@ def memory_estimate(config: PreTrainedConfig) -> dict[str, Any]:
     }
     for parts in training.values():
         parts["total"] = sum(parts.values())
-    return {"parameters": n, "context": context, "inference": inference, "training": training}
+    return {
+        "parameters": n,
+        "context": context,
+        # Times the block stack runs per token (1 for a plain decoder), and the tokens each KV slot keeps.
+        "stack_applications": slots // config.num_hidden_layers,
+        "kv_tokens": kept,
+        "inference": inference,
+        "training": training,
+    }

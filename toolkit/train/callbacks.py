@@ -37,6 +37,25 @@ class MetricsCallback(TrainerCallback):
             handle.write(json.dumps(record) + "\n")
 
 
+class ModelLogCallback(TrainerCallback):
+    """Adds to every training log event what the model reports of itself since the last one: a model with a
+    `pop_loss_parts()` method (cognate: its loss parts and halting steps) gets them logged beside `loss`.
+    Placed before `MetricsCallback`, which then writes them."""
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        model: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        pop = getattr(model, "pop_loss_parts", None)  # PEFT wrappers forward attribute lookups
+        if logs is not None and "loss" in logs and callable(pop):
+            logs.update({name: round(value, 6) for name, value in pop().items()})
+
+
 def _figure(records: list[dict[str, Any]], keys: tuple[str, ...], title: str, out_png: Path) -> Path | None:
     """One PNG of `keys` against step; None when none of them was logged."""
     curves = {
@@ -67,7 +86,14 @@ def _figure(records: list[dict[str, Any]], keys: tuple[str, ...], title: str, ou
 
 
 # What every training stage plots; a method adds its own measures (its TrainerSpec's `plots`).
-COMMON_PLOTS: tuple[tuple[str, ...], ...] = (("loss", "eval_loss"), ("learning_rate",), ("grad_norm",))
+COMMON_PLOTS: tuple[tuple[str, ...], ...] = (
+    ("loss", "eval_loss"),
+    ("learning_rate",),
+    ("grad_norm",),
+    # What a model logs of itself (ModelLogCallback); no plot when nothing was logged.
+    ("lm_loss", "deep_supervision_loss", "halting_loss", "ponder_cost"),
+    ("halting_steps",),
+)
 
 
 def plot_name(keys: tuple[str, ...]) -> str:

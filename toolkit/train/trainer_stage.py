@@ -31,7 +31,7 @@ from toolkit.io import write_text
 from toolkit.recipe import TOOLKIT_TRAIN_KEYS, Stage
 from toolkit.run_folder import read_metrics
 from toolkit.stages import StageContext, StageOutcome, TrainerSpec, resolve
-from toolkit.train.callbacks import MetricsCallback, plot_stage
+from toolkit.train.callbacks import MetricsCallback, ModelLogCallback, plot_stage
 from toolkit.train.checkpoints import checkpoint_step, resume_checkpoint
 
 # Activation checkpointing's trainer argument: transformers 5.2x renamed `gradient_checkpointing` (kept as a
@@ -442,7 +442,11 @@ def build_trainer(
         eval_dataset=eval_data,
         processing_class=tokenizer,
         peft_config=adapter,
-        callbacks=[MetricsCallback(ctx.folder.metrics, step_offset), *optimizer_callbacks(stage)],
+        callbacks=[
+            ModelLogCallback(),
+            MetricsCallback(ctx.folder.metrics, step_offset),
+            *optimizer_callbacks(stage),
+        ],
         **extras,
     )
     use_optimizer(stage, trainer)

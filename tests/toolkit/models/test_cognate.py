@@ -1,0 +1,255 @@
+"""`cognate` beyond the conformance suite: the recursion is real, the memory computes the formula it cites, the
+cache holds with a short window, halting learns to stop early, and the loss parts reach the training log."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from tests.toolkit.models.conventions import randomize_norms_and_biases
+from toolkit.models import build_config, count_parameters, register_auto_classes
+
+VOCAB = 64
+
+
+def cognate(**overrides) -> torch.nn.Module:
+    register_auto_classes()
+    torch.manual_seed(0)
+    config = build_config("cognate-tiny", vocab_size=VOCAB, pad_token_id=0, **overrides)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    randomize_norms_and_biases(model)
+    return model
+
+
+def test_more_steps_change_the_answer_and_every_application_uses_the_same_blocks():
+    model = cognate(supervision_steps=3)
+    ids = torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(1))
+    calls = []
+    hooks = [
+        layer.register_forward_hook(lambda m, *_: calls.append(m.layer_idx)) for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        by_steps = [model(ids, steps=n).logits for n in (1, 2, 3)]
+    for hook in hooks:
+        hook.remove()
+    config = model.config
+    # Each step runs h_cycles x (l_cycles + 1) passes through the same two blocks.
+    assert calls == [0, 1] * (config.applications_per_step * (1 + 2 + 3))
+    assert not torch.allclose(by_steps[0], by_steps[1]) and not torch.allclose(by_steps[1], by_steps[2])
+    assert torch.equal(by_steps[2], model(ids).logits)  # supervision_steps is the default
+
+    # More recursion adds no parameter: the same tensors, by name and count.
+    deeper = build_config("cognate-tiny", vocab_size=VOCAB, h_cycles=4, l_cycles=5, supervision_steps=6)
+    assert count_parameters(deeper) == count_parameters(config)
+    again = AutoModelForCausalLM.from_config(deeper)
+    assert again.state_dict().keys() == model.state_dict().keys()
+    again.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(again.eval()(ids, steps=1).logits, by_steps[0])  # more cycles per step
+
+
+def test_only_the_last_cycle_of_a_step_gets_gradients():
+    """TRM: the earlier cycles of a step run without gradients, so a weight used only there gets none. With
+    one step of two cycles, the second cycle's gradients equal those of a model whose first cycle's output is
+    handed in as a constant."""
+    model = cognate(supervision_steps=1, h_cycles=2, deep_supervision_weight=0.0)
+    model.train()
+    ids = torch.randint(1, VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
+    model(ids, labels=ids).loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(torch.isfinite(g).all() for g in grads.values())
+    one_cycle = cognate(supervision_steps=1, h_cycles=1, deep_supervision_weight=0.0)
+    one_cycle.load_state_dict(model.state_dict())
+    one_cycle.train()
+    core = model.model
+    with torch.no_grad():  # the first cycle, as the two-cycle model runs it
+        x = core.embed_tokens(ids)
+        positions = torch.arange(ids.shape[1])[None]
+        blocks = dict(position_ids=positions, position_embeddings=core.rotary_emb(x, positions))
+        y0, z0, _ = core._cycle(x, core.y_init.expand_as(x), core.z_init.expand_as(x), 0, **blocks)
+    one_cycle.model.y_init = y0  # broadcastable starting carry: (batch, seq, hidden)
+    one_cycle.model.z_init = z0
+    one_cycle(ids, labels=ids).loss.backward()
+    for name, p in one_cycle.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5)
+
+
+def memory_in_numpy(module, x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Titans' linear memory as the module docstring of modeling_cognate.py writes it, one token at a time."""
+
+    def weight(linear):
+        return linear.weight.detach().double().numpy()
+
+    heads, dim = module.heads, module.dim
+    batch, length, _ = x.shape
+
+    def per_head(w):
+        return (x @ w.T).reshape(batch, length, heads, dim)
+
+    def unit(a):
+        return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+    q, k, v = (
+        unit(per_head(weight(module.q_proj))),
+        unit(per_head(weight(module.k_proj))),
+        per_head(weight(module.v_proj)),
+    )
+    rates = 1 / (1 + np.exp(-(x @ weight(module.rates).T + module.rates.bias.detach().double().numpy())))
+    theta, eta, alpha = rates.reshape(batch, length, 3, heads).transpose(2, 0, 1, 3)
+    theta = theta * module.max_lr
+    reads = np.zeros((batch, length, heads, dim))
+    final = np.zeros((batch, heads, dim, dim))
+    for b in range(batch):
+        for h in range(heads):
+            memory, surprise = np.zeros((dim, dim)), np.zeros((dim, dim))
+            for t in range(length):
+                if mask[b, t]:
+                    gradient = np.outer(memory @ k[b, t, h] - v[b, t, h], k[b, t, h])  # d/dM 1/2||Mk - v||^2
+                    surprise = eta[b, t, h] * surprise - theta[b, t, h] * gradient
+                    memory = (1 - alpha[b, t, h]) * memory + surprise
+                reads[b, t, h] = memory @ q[b, t, h]
+            final[b, h] = memory
+    out = reads.reshape(batch, length, heads * dim) @ weight(module.o_proj).T
+    return out, final
+
+
+def test_memory_step_matches_the_formula_in_numpy():
+    model = cognate().double()
+    module = model.model.layers[0].memory
+    with torch.no_grad():
+        module.rates.bias.normal_(0, 1)  # rates away from their initial values
+    x = torch.randn(
+        2, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, :2] = False  # left padding: no write, no momentum
+    with torch.no_grad():
+        out, (memory, _) = module(x, mask)
+    expected, final = memory_in_numpy(module, x.numpy(), mask.numpy())
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-10)
+    np.testing.assert_allclose(memory.numpy(), final, atol=1e-10)
+
+
+@pytest.mark.parametrize("memory_heads", [4, 0])
+def test_cache_equals_recomputation_with_a_window_shorter_than_the_text(memory_heads):
+    """A 4-token window over 20-token texts: the cached keys are trimmed to the window and the memory state
+    travels in the cache; greedy tokens and the last logits match recomputing everything."""
+    model = cognate(sliding_window=4, memory_heads=memory_heads)
+    generator = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, VOCAB, (2, 14), generator=generator)
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = 0, 0  # left padding
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, attention_mask=mask, use_cache=True, **kwargs)
+        recomputed = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+        alone = model.generate(input_ids=ids[1:, 5:], use_cache=True, **kwargs)
+    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached[1, 14:], alone[0, 9:])
+
+
+def test_the_window_limits_attention_when_the_memory_is_off():
+    """Without memory, a token further back than every application's window together cannot matter."""
+    model = cognate(sliding_window=2, memory_heads=0, supervision_steps=1, h_cycles=1, l_cycles=1)
+    reach = model.config.cache_layers * (model.config.sliding_window - 1)  # each application sees 1 back
+    ids = torch.randint(1, VOCAB, (1, reach + 3), generator=torch.Generator().manual_seed(5))
+    changed_far, changed_near = ids.clone(), ids.clone()
+    changed_far[0, 0] = (ids[0, 0] % (VOCAB - 1)) + 1
+    changed_near[0, -2] = (ids[0, -2] % (VOCAB - 1)) + 1
+    with torch.no_grad():
+        base, far, near = (model(t).logits[0, -1] for t in (ids, changed_far, changed_near))
+    assert torch.equal(base, far)
+    assert not torch.allclose(base, near)
+
+
+def toy_batch(generator: torch.Generator, rows: int = 16, length: int = 12) -> torch.Tensor:
+    """Half the rows repeat one token (1-8): easy, right after one step. Half are random tokens 9-63."""
+    easy = torch.randint(1, 9, (rows // 2, 1), generator=generator).expand(-1, length)
+    hard = torch.randint(9, VOCAB, (rows - rows // 2, length), generator=generator)
+    return torch.cat([easy, hard])
+
+
+STEPS = 100
+
+
+def test_halting_learns_to_stop_early_on_easy_input():
+    model = cognate(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        memory_heads=0,
+        supervision_steps=3,
+        h_cycles=1,
+        l_cycles=1,
+        halting_loss_weight=1.0,
+    ).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(STEPS):
+        ids = toy_batch(generator)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.config.halting = "adaptive"
+    easy = torch.full((1, 12), 3)
+    hard = torch.randint(9, VOCAB, (1, 12), generator=generator)
+    with torch.no_grad():
+        steps = [int(model(ids).halting_steps[0]) for ids in (easy, hard)]
+        cache_run = model(easy, use_cache=True)
+    assert steps == [1, 3]
+    # A cache keeps the step count of its first call: one step's slots only.
+    config = model.config
+    assert len(
+        cache_run.cache.layers if hasattr(cache_run, "cache") else cache_run.past_key_values.layers
+    ) == (config.applications_per_step * config.num_hidden_layers)
+
+
+def test_loss_parts_add_up_and_reach_the_training_log(tmp_path):
+    from toolkit.train.callbacks import MetricsCallback, ModelLogCallback
+
+    model = cognate(supervision_steps=2)
+    ids = torch.randint(1, VOCAB, (4, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    c = model.config
+    total = (
+        out.lm_loss
+        + c.deep_supervision_weight * out.deep_supervision_loss
+        + c.halting_loss_weight * out.halting_loss
+        + c.ponder_cost_weight * out.ponder_cost
+    )
+    torch.testing.assert_close(out.loss, total)
+    assert not torch.isclose(out.lm_loss, out.deep_supervision_loss)  # two steps, two different answers
+    assert 1 / c.supervision_steps <= float(out.ponder_cost) <= 1  # expected steps over the most steps
+
+    metrics = tmp_path / "metrics.jsonl"
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+    )
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    Trainer(
+        model=model.train(),
+        args=args,
+        train_dataset=rows,
+        callbacks=[ModelLogCallback(), MetricsCallback(metrics)],
+    ).train()
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    steps = [r for r in logged if "loss" in r]
+    assert len(steps) == 2
+    for record in steps:
+        assert {"lm_loss", "deep_supervision_loss", "halting_loss", "ponder_cost", "halting_steps"} <= set(
+            record
+        )
+        assert record["halting_steps"] == c.supervision_steps  # training runs every step
