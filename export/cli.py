@@ -1,4 +1,4 @@
-"""`toolkit export gguf|ollama|vllm`: argparse wiring for the exporters; `python -m export.cli` runs it alone."""
+"""`toolkit export gguf|ollama|vllm|hf`: argparse wiring for the exporters; `python -m export.cli` runs it alone."""
 
 from __future__ import annotations
 
@@ -93,8 +93,31 @@ def run_vllm(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def run_hf(args: argparse.Namespace) -> int:
+    from export.hf import export_hf
+    from export.verify_hf import markdown_table as folder_table
+
+    result = export_hf(
+        args.src,
+        args.out,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        force=args.force,
+        verify=args.verify,
+    )
+    how = "remote code" if result.remote_code else "transformers' own class"
+    print(f"wrote {result.path} ({how}, {result.dtype}, {result.seconds:.2f} s)")
+    for name, section in (result.report.get("verification") or {}).items():
+        print(folder_table(section, f"{name}: {result.path}"))
+    print(f"report: {result.path / 'export_report.json'}")
+    print(f"push: toolkit push {result.path} --repo USER/NAME")
+    if not result.ok:
+        print("verification FAILED: a bound was missed (see the table above)", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `gguf`, `ollama` and `vllm` to the `toolkit export` sub-command group."""
+    """Add `gguf`, `ollama`, `vllm` and `hf` to the `toolkit export` sub-command group."""
     gguf = subparsers.add_parser("gguf", help="write a GGUF with gguf-py and verify it in llama.cpp")
     _common(gguf, "q8_0")
     gguf.add_argument(
@@ -140,6 +163,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "auto (default): vllm where a vLLM environment is set up, else clean",
     )
     vllm.set_defaults(func=run_vllm)
+    hf = subparsers.add_parser(
+        "hf",
+        help="a Hub folder that loads with from_pretrained without the toolkit (remote code for its "
+        "architectures), verified in a clean process",
+    )
+    hf.add_argument("src", type=Path, help="run folder (runs/<name>: its newest stage's final/) or HF folder")
+    hf.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: <run>/hf, or <folder>-hf)"
+    )
+    hf.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (default: the source's)",
+    )
+    hf.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    hf.add_argument("--force", action="store_true", help="replace an existing output folder")
+    hf.add_argument("--no-verify", dest="verify", action="store_false", help="skip the clean-process check")
+    hf.set_defaults(func=run_hf)
 
 
 def run_arch_check(args: argparse.Namespace) -> int:

@@ -44,10 +44,10 @@ class UploadItem:
 def find_model_folder(src: str | Path) -> Path:
     """The HF folder to push for SRC: an export folder (its merged/ model for LoRA), or a run's vllm/."""
     src = Path(src)
-    for folder in (src, src / "merged", src / "vllm", src / "vllm" / "merged"):
+    for folder in (src, src / "merged", src / "hf", src / "vllm", src / "vllm" / "merged"):
         if (folder / "config.json").exists():
             return folder
-    raise ExportError(f"{src} holds no model folder (config.json); run `toolkit export vllm {src}` first")
+    raise ExportError(f"{src} holds no model folder (config.json); run `toolkit export hf {src}` first")
 
 
 def check_self_contained(folder: Path) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def check_self_contained(folder: Path) -> dict[str, Any]:
         raise ExportError(
             f"{folder}: model_type '{model_type}' is not a transformers architecture and config.json has no "
             f"auto_map, so the pushed model would not load without forge-toolkit; "
-            f"run `toolkit export vllm {folder}` and push its output"
+            f"run `toolkit export hf {folder}` and push its output"
         )
     for reference in auto_map.values():
         module = reference.split("--")[-1].rsplit(".", 1)[0]

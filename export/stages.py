@@ -1,8 +1,10 @@
 """The `export` stage of recipes: an earlier stage's model as a verified GGUF and Ollama Modelfile in the run's
 `gguf/` folder, then (with `eval.tasks`) the held-out questions answered by llama.cpp through the chat
-template inside the file. Registered in the stage registry through the `forge_toolkit.stages` entry point.
+template inside the file; or a vLLM folder (`vllm/`), or a Hub folder that loads without the toolkit (`hf/`).
+Registered in the stage registry through the `forge_toolkit.stages` entry point.
 
     - {name: gguf, method: export, export: {quant: q8_0}, eval: {tasks: data/eval/heldout.jsonl}}
+    - {name: hub, method: export, export: {target: hf}}
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from toolkit.errors import ToolkitError, nearest
 from toolkit.io import read_jsonl
 from toolkit.stages import StageContext, StageKind, StageOutcome, register_stage
 
+TARGETS = ("gguf", "vllm", "hf")
+
 
 @dataclass
 class ExportOptions:
     """An export stage's `export:` section."""
 
-    target: str = "gguf"  # gguf: a GGUF + Modelfile in gguf/; vllm: a folder `vllm serve` takes, in vllm/
+    # gguf: a GGUF + Modelfile in gguf/; vllm: a folder `vllm serve` takes, in vllm/; hf: a Hub folder in hf/
+    target: str = "gguf"
     quant: str = "q8_0"
     verify: bool = True  # in llama.cpp against the source; a missed bound stops the run
     system: str | None = None  # SYSTEM prompt for the Modelfile
@@ -27,10 +32,12 @@ class ExportOptions:
     def __post_init__(self) -> None:
         from export.gguf import QUANTS
 
-        if self.target not in ("gguf", "vllm"):
-            guess = nearest(self.target, ("gguf", "vllm"))
+        if self.target not in TARGETS:
+            guess = nearest(self.target, TARGETS)
             hint = f" (did you mean '{guess}'?)" if guess else ""
-            raise ValueError(f"target '{self.target}' is not an export target{hint}; one of gguf, vllm")
+            raise ValueError(
+                f"target '{self.target}' is not an export target{hint}; one of {', '.join(TARGETS)}"
+            )
 
         if self.quant not in QUANTS:
             guess = nearest(self.quant, QUANTS)
@@ -54,6 +61,8 @@ def run_export(ctx: StageContext) -> StageOutcome:
     source = ctx.run_folder.stage(ctx.stage.model["from"]).final
     if spec["target"] == "vllm":
         return run_vllm_export(ctx, source, spec)
+    if spec["target"] == "hf":
+        return run_hf_export(ctx, source, spec)
     result = export_ollama(
         source,
         ctx.run_folder.gguf_dir,
@@ -103,11 +112,59 @@ def run_vllm_export(ctx: StageContext, source: Any, spec: dict[str, Any]) -> Sta
     return StageOutcome(final=result.path, eval=evaluation, details=details)
 
 
+def run_hf_export(ctx: StageContext, source: Any, spec: dict[str, Any]) -> StageOutcome:
+    """`toolkit export hf` of the stage's model into the run's hf/, verified in a clean process."""
+    from export.hf import export_hf
+
+    result = export_hf(source, ctx.run_folder.hf_dir, force=True, verify=spec["verify"])
+    if not result.ok:
+        raise ToolkitError(
+            f"stages.{ctx.stage.name}: the Hub folder missed a verification bound; see "
+            f"{result.path / 'export_report.json'}"
+        )
+    evaluation = {
+        "hf": str(result.path),
+        "remote_code": result.remote_code,
+        "verification": (result.report.get("verification") or {}).get("model", {}).get("measures"),
+    }
+    return StageOutcome(final=result.path, eval=evaluation, details={"hf": str(result.path)})
+
+
+def origin_architecture(stage: Any, recipe: Any) -> str | None:
+    """The architecture the stage's model is, when the recipe builds it from a preset (following `from`
+    back); None for a checkpoint or Hub model, whose type is known only once it is there."""
+    from toolkit.models import PRESETS
+
+    stages = {s.name: s for s in (recipe.stages if recipe is not None else [])}
+    seen: set[str] = set()
+    model = stage.model or {}
+    while "from" in model and model["from"] in stages and model["from"] not in seen:
+        seen.add(model["from"])
+        model = stages[model["from"]].model or {}
+    preset = model.get("preset")
+    return PRESETS[preset].arch if preset in PRESETS else None
+
+
 def preflight_export(stage: Any, at: str, problems: Any, recipe: Any = None) -> None:
-    """`eval:` on an export stage answers the held-out questions in llama.cpp: a GGUF's only."""
-    if (stage.options or {}).get("target") == "vllm" and stage.eval:
+    """Before any stage trains: the target must be reachable for the architecture the recipe builds
+    (`toolkit arch check`'s verdict), and `eval:` on an export stage answers the held-out questions in
+    llama.cpp: a GGUF's only."""
+    from export.gguf import gguf_plan
+    from export.vllm import choose_route
+    from toolkit.errors import ExportError
+
+    target = (stage.options or {}).get("target")
+    arch = origin_architecture(stage, recipe)
+    if arch is not None and target in ("gguf", "vllm"):
+        try:
+            gguf_plan(arch) if target == "gguf" else choose_route(arch)
+        except ExportError as error:
+            problems.add(
+                f"{at}.export.target: {target}: {error}; `toolkit export hf` serves every architecture"
+            )
+    if target in ("vllm", "hf") and stage.eval:
         problems.add(
-            f"{at}.eval: a vLLM export is evaluated by an evaluate stage naming it "
+            f"{at}.eval: a {target} export is evaluated by an evaluate stage naming it "
             f"({{method: evaluate, evaluate: {{models: [{stage.name}], tasks: [...]}}}})"
         )
 
@@ -117,8 +174,8 @@ def register() -> None:
         StageKind(
             "export",
             run=run_export,
-            description="an earlier stage's model as a verified GGUF + Ollama Modelfile (gguf/) or vLLM folder "
-            "(vllm/)",
+            description="an earlier stage's model as a verified GGUF + Ollama Modelfile (gguf/), vLLM folder "
+            "(vllm/) or Hub folder (hf/)",
             keys=("model", "eval"),
             section="export",
             schema=ExportOptions,

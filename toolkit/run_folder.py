@@ -178,5 +178,10 @@ class RunFolder:
     def vllm_dir(self) -> Path:
         return self.path / "vllm"
 
+    @property
+    def hf_dir(self) -> Path:
+        """`runs/<name>/hf`: the Hub folder (`toolkit export hf`)."""
+        return self.path / "hf"
+
     def gguf_files(self) -> list[Path]:
         return sorted(self.gguf_dir.glob("*.gguf")) if self.gguf_dir.is_dir() else []
