@@ -70,7 +70,8 @@ def test_only_the_last_cycle_of_a_step_gets_gradients():
         x = core.embed_tokens(ids)
         positions = torch.arange(ids.shape[1])[None]
         blocks = dict(position_ids=positions, position_embeddings=core.rotary_emb(x, positions))
-        y0, z0, _ = core._cycle(x, core.y_init.expand_as(x), core.z_init.expand_as(x), 0, **blocks)
+        start = (core.y_init.expand_as(x), core.z_init.expand_as(x))
+        y0, z0, _ = core._cycle(x, *start, 0, core.write_memories(x), **blocks)
     one_cycle.model.y_init = y0  # broadcastable starting carry: (batch, seq, hidden)
     one_cycle.model.z_init = z0
     one_cycle(ids, labels=ids).loss.backward()
@@ -78,60 +79,63 @@ def test_only_the_last_cycle_of_a_step_gets_gradients():
         torch.testing.assert_close(p.grad, grads[name], atol=1e-6, rtol=1e-5)
 
 
-def memory_in_numpy(module, x: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Titans' linear memory as the module docstring of modeling_cognate.py writes it, one token at a time."""
+def memory_in_numpy(module, x: np.ndarray, h: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Titans' linear memory as the module docstring of modeling_cognate.py writes it, one token at a time:
+    written from the input stream `x`, read with queries from the block state `h`."""
 
     def weight(linear):
         return linear.weight.detach().double().numpy()
 
     heads, dim = module.heads, module.dim
     batch, length, _ = x.shape
+    eps, gain = module.norm.variance_epsilon, module.norm.weight.detach().double().numpy()
+    x = x / np.sqrt((x**2).mean(-1, keepdims=True) + eps) * gain  # the memory's RMSNorm
 
-    def per_head(w):
-        return (x @ w.T).reshape(batch, length, heads, dim)
+    def per_head(inputs, w):
+        return (inputs @ w.T).reshape(batch, length, heads, dim)
 
     def unit(a):
         return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
 
-    q, k, v = (
-        unit(per_head(weight(module.q_proj))),
-        unit(per_head(weight(module.k_proj))),
-        per_head(weight(module.v_proj)),
-    )
+    k, v = unit(per_head(x, weight(module.k_proj))), per_head(x, weight(module.v_proj))
+    q = unit(per_head(h, weight(module.q_proj)))
     rates = 1 / (1 + np.exp(-(x @ weight(module.rates).T + module.rates.bias.detach().double().numpy())))
     theta, eta, alpha = rates.reshape(batch, length, 3, heads).transpose(2, 0, 1, 3)
     theta = theta * module.max_lr
     reads = np.zeros((batch, length, heads, dim))
     final = np.zeros((batch, heads, dim, dim))
     for b in range(batch):
-        for h in range(heads):
+        for j in range(heads):
             memory, surprise = np.zeros((dim, dim)), np.zeros((dim, dim))
             for t in range(length):
                 if mask[b, t]:
-                    gradient = np.outer(memory @ k[b, t, h] - v[b, t, h], k[b, t, h])  # d/dM 1/2||Mk - v||^2
-                    surprise = eta[b, t, h] * surprise - theta[b, t, h] * gradient
-                    memory = (1 - alpha[b, t, h]) * memory + surprise
-                reads[b, t, h] = memory @ q[b, t, h]
-            final[b, h] = memory
+                    gradient = np.outer(memory @ k[b, t, j] - v[b, t, j], k[b, t, j])  # d/dM 1/2||Mk - v||^2
+                    surprise = eta[b, t, j] * surprise - theta[b, t, j] * gradient
+                    memory = (1 - alpha[b, t, j]) * memory + surprise
+                reads[b, t, j] = memory @ q[b, t, j]
+            final[b, j] = memory
     out = reads.reshape(batch, length, heads * dim) @ weight(module.o_proj).T
     return out, final
 
 
-def test_memory_step_matches_the_formula_in_numpy():
+def test_memory_write_and_read_match_the_formula_in_numpy():
     model = cognate().double()
     module = model.model.layers[0].memory
     with torch.no_grad():
         module.rates.bias.normal_(0, 1)  # rates away from their initial values
-    x = torch.randn(
-        2, 7, model.config.hidden_size, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    generator = torch.Generator().manual_seed(3)
+    x, h = (
+        torch.randn(2, 7, model.config.hidden_size, generator=generator, dtype=torch.float64) for _ in "xh"
     )
     mask = torch.ones(2, 7, dtype=torch.bool)
     mask[1, :2] = False  # left padding: no write, no momentum
     with torch.no_grad():
-        out, (memory, _) = module(x, mask)
-    expected, final = memory_in_numpy(module, x.numpy(), mask.numpy())
-    np.testing.assert_allclose(out.numpy(), expected, atol=1e-10)
-    np.testing.assert_allclose(memory.numpy(), final, atol=1e-10)
+        memories, (memory, _) = module.write(x, mask)
+        out = module.read(h, memories)
+    expected, final = memory_in_numpy(module, x.numpy(), h.numpy(), mask.numpy())
+    # The RMSNorm computes in float32 whatever the dtype (as Llama's does): 1e-9 here, the rest float64.
+    np.testing.assert_allclose(out.numpy(), expected, atol=1e-7)
+    np.testing.assert_allclose(memory.numpy(), final, atol=1e-7)
 
 
 @pytest.mark.parametrize("memory_heads", [4, 0])

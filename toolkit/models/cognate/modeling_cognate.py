@@ -13,25 +13,28 @@ Two published designs, crossed:
 - **Titans** (Behrouz, Zhong and Mirrokni, "Titans: Learning to Memorize at Test Time", 2025), Memory as a
   Gate (MAG, section 4.2). Each block's token mixer is two branches: sliding-window attention for the short
   range and a neural long-term memory for the long one, combined through a learned gate. The memory here is
-  the paper's linear case (the memory is one matrix per head, written by its update rule; section 3.1):
+  the paper's linear case (one matrix per head, written by its update rule; section 3.1), written from the
+  input stream x (normalised) once per forward pass and read by the block at every application:
 
       surprise   S_t = eta_t * S_{t-1} - theta_t * grad l(M_{t-1}; x_t),   l(M; x) = 1/2 ||M k_t - v_t||^2
                  grad l = (M_{t-1} k_t - v_t) k_t^T
       memory     M_t = (1 - alpha_t) * M_{t-1} + S_t
-      read       m_t = M_t q_t
-      gate       o_t = g_t * attn_t + (1 - g_t) * W_o m_t,    g_t = sigmoid(W_g x_t)
+      read       m_t = M_t q_t                       (q_t from the block's current state h_t)
+      gate       o_t = g_t * attn_t + (1 - g_t) * W_o m_t,    g_t = sigmoid(W_g h_t)
 
-  with q, k L2-normalised per head (as Titans normalises them) and theta (write rate, at most
-  `memory_lr`), eta (momentum) and alpha (forgetting) sigmoid functions of the token, per head. Titans writes
-  the combination as `y (x) M(x)` with a non-linear gate; the convex gate above is the form this model uses,
-  and `tests/toolkit/models/test_cognate.py` checks one memory pass against a numpy transcription of these
-  lines.
+  with k_t, v_t, theta_t (write rate, at most `memory_lr`), eta_t (momentum) and alpha_t (forgetting) from
+  x_t, q_t and k_t L2-normalised per head (as Titans normalises them). Titans writes the combination as
+  `y (x) M(x)` with a non-linear gate; the convex gate above is the form this model uses.
+  `tests/toolkit/models/test_cognate.py` checks a write and a read against a numpy transcription of these
+  lines. Writing from x rather than from each application's state keeps the recurrence (a loop over
+  positions) out of the recursion, where it would run steps x cycles x updates times per pass: x is the
+  stream TRM's recursion never changes, so the memory holds the text, and the refinement queries it.
 
 Written the transformers 5 way: attention through `ALL_ATTENTION_FUNCTIONS` with `**kwargs` passed down, a
 `layer_idx` on every attention module (its block's index), SDPA/flash/flex, gradient checkpointing per block,
 `GenerationMixin`. The KV cache holds one slot per block *application* (steps x cycles x updates x blocks),
-each a transformers `LinearAttentionAndSlidingWindowAttentionLayer`: the window's keys and values plus the
-memory's two recurrent states, so beam search reorders them with the rest.
+each a transformers `LinearAttentionAndSlidingWindowAttentionLayer`: the window's keys and values, and in a
+block's first slot the memory's two recurrent states, so beam search reorders them with the rest.
 
 Inference runs `supervision_steps` steps ("fixed"), or stops each row at the first step whose halting
 probability at its last position reaches `halt_threshold` ("adaptive": the batch runs until every row has
@@ -254,16 +257,21 @@ class CognateAttention(nn.Module):
 
 
 class CognateMemory(nn.Module):
-    """Titans' neural long-term memory, linear form (see the module docstring for the update it computes).
+    """Titans' neural long-term memory, linear form (the update in the module docstring), of the input stream.
 
-    A recurrence over tokens, run as a loop over positions: each write depends on the memory the previous
-    token left. Positions outside the attention mask (left padding) neither write nor move the momentum.
+    `write` runs the recurrence once per forward pass over the token embeddings (TRM's input x, which the
+    recursion never changes), returning the memory after every token; `read` queries those memories with the
+    block's current state, at every application of the block. Writing once keeps the recurrence, a loop over
+    positions, out of the recursion (it would otherwise run steps x cycles x updates times per pass) and
+    gives the cache one memory state per block. Positions outside the attention mask (left padding) neither
+    write nor move the momentum.
     """
 
     def __init__(self, config: CognateConfig) -> None:
         super().__init__()
         self.heads, self.dim = config.memory_heads, config.memory_dim
         width = self.heads * self.dim
+        self.norm = CognateRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, width, bias=False)
@@ -272,27 +280,26 @@ class CognateMemory(nn.Module):
         self.rates = nn.Linear(config.hidden_size, 3 * self.heads, bias=True)
         self.max_lr = config.memory_lr
 
-    def forward(
+    def write(
         self,
-        hidden_states: torch.Tensor,
+        inputs: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         state: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        batch, length, _ = hidden_states.shape
+        """(batch, seq, heads, dim, dim) memories after each token, and the final (memory, momentum)."""
+        batch, length, _ = inputs.shape
         shape = (batch, length, self.heads, self.dim)
-        q = nn.functional.normalize(self.q_proj(hidden_states).view(shape), dim=-1)
-        k = nn.functional.normalize(self.k_proj(hidden_states).view(shape), dim=-1)
-        v = self.v_proj(hidden_states).view(shape)
-        theta, eta, alpha = (
-            torch.sigmoid(self.rates(hidden_states)).view(batch, length, 3, self.heads).unbind(2)
-        )
+        x = self.norm(inputs)
+        k = nn.functional.normalize(self.k_proj(x).view(shape), dim=-1)
+        v = self.v_proj(x).view(shape)
+        theta, eta, alpha = torch.sigmoid(self.rates(x)).view(batch, length, 3, self.heads).unbind(2)
         theta = theta * self.max_lr
         if state is None:
-            zeros = hidden_states.new_zeros(batch, self.heads, self.dim, self.dim)
+            zeros = x.new_zeros(batch, self.heads, self.dim, self.dim)
             memory, surprise = zeros, zeros
         else:
             memory, surprise = state
-        reads = []
+        memories = []
         for t in range(length):
             k_t, v_t = k[:, t], v[:, t]  # (batch, heads, dim)
             error = torch.einsum("bhij,bhj->bhi", memory, k_t) - v_t
@@ -305,9 +312,17 @@ class CognateMemory(nn.Module):
                 keep = token_mask[:, t, None, None, None]
                 memory = torch.where(keep, new_memory, memory)
                 surprise = torch.where(keep, new_surprise, surprise)
-            reads.append(torch.einsum("bhij,bhj->bhi", memory, q[:, t]))
-        read = torch.stack(reads, dim=1).reshape(batch, length, self.heads * self.dim)
-        return self.o_proj(read), (memory, surprise)
+            memories.append(memory)
+        return torch.stack(memories, dim=1), (memory, surprise)
+
+    def read(self, hidden_states: torch.Tensor, memories: torch.Tensor) -> torch.Tensor:
+        """W_o (M_t q_t), with q_t from the block's current (normalised) state."""
+        batch, length, _ = hidden_states.shape
+        q = nn.functional.normalize(
+            self.q_proj(hidden_states).view(batch, length, self.heads, self.dim), dim=-1
+        )
+        read = torch.einsum("bthij,bthj->bthi", memories, q)
+        return self.o_proj(read.reshape(batch, length, self.heads * self.dim))
 
 
 class CognateMLP(nn.Module):
@@ -325,8 +340,8 @@ class CognateMLP(nn.Module):
 
 
 class CognateLayer(GradientCheckpointingLayer):
-    """x + mix(attn(n(x)), memory(n(x))), then x + mlp(n(x)): a pre-norm block whose token mixer is MAG's two
-    gated branches. The memory's state for this application lives in the cache slot's recurrent states."""
+    """x + mix(attn(n(x)), memory read(n(x))), then x + mlp(n(x)): a pre-norm block whose token mixer is MAG's
+    two gated branches. `memories` are this block's memory after each token (written once per pass)."""
 
     def __init__(self, config: CognateConfig, layer_idx: int) -> None:
         super().__init__()
@@ -351,7 +366,7 @@ class CognateLayer(GradientCheckpointingLayer):
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache_slot: int = 0,
-        token_mask: torch.Tensor | None = None,
+        memories: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         normed = self.input_layernorm(hidden_states)
@@ -366,16 +381,8 @@ class CognateLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         if self.memory is not None:
-            slot = cache.layers[cache_slot] if cache is not None else None
-            state = None
-            if slot is not None and slot.is_recurrent_states_initialized[0]:
-                state = (slot.recurrent_states[0], slot.recurrent_states[1])
-            read, (memory, surprise) = self.memory(normed, token_mask, state)
-            if slot is not None:
-                slot.update_recurrent_state(memory, state_idx=0)
-                slot.update_recurrent_state(surprise, state_idx=1)
             gate = torch.sigmoid(self.memory_gate(normed))
-            mixed = gate * mixed + (1 - gate) * read
+            mixed = gate * mixed + (1 - gate) * self.memory.read(normed, memories)
             self.memory_use = float((1 - gate).detach().mean())
         hidden_states = hidden_states + mixed
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
@@ -469,20 +476,46 @@ class CognateModel(CognatePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def _net(self, hidden_states: torch.Tensor, slot: int, **block_kwargs) -> torch.Tensor:
+    def write_memories(
+        self, inputs: torch.Tensor, token_mask: torch.Tensor | None = None, cache: Cache | None = None
+    ) -> list[torch.Tensor | None]:
+        """Each block's memory after every token of `inputs` (None for a block without memory), continuing
+        from the state in the cache (kept in the block's first slot) and leaving the new state there."""
+        written: list[torch.Tensor | None] = []
         for layer in self.layers[: self.config.num_hidden_layers]:
-            hidden_states = layer(hidden_states, cache_slot=slot + layer.layer_idx, **block_kwargs)
+            if layer.memory is None:
+                written.append(None)
+                continue
+            slot = cache.layers[layer.layer_idx] if cache is not None else None
+            state = None
+            if slot is not None and slot.is_recurrent_states_initialized[0]:
+                state = (slot.recurrent_states[0], slot.recurrent_states[1])
+            memories, (memory, surprise) = layer.memory.write(inputs, token_mask, state)
+            if slot is not None:
+                slot.update_recurrent_state(memory, state_idx=0)
+                slot.update_recurrent_state(surprise, state_idx=1)
+            written.append(memories)
+        return written
+
+    def _net(self, hidden_states: torch.Tensor, slot: int, memories: list, **block_kwargs) -> torch.Tensor:
+        for layer in self.layers[: self.config.num_hidden_layers]:
+            hidden_states = layer(
+                hidden_states,
+                cache_slot=slot + layer.layer_idx,
+                memories=memories[layer.layer_idx],
+                **block_kwargs,
+            )
         return hidden_states
 
     def _cycle(
-        self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, slot: int, **block_kwargs
+        self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, slot: int, memories: list, **block_kwargs
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """TRM's latent recursion: `l_cycles` latent updates, then one answer update."""
         blocks = self.config.num_hidden_layers
         for _ in range(self.config.l_cycles):
-            z = self._net(x + y + z, slot, **block_kwargs)
+            z = self._net(x + y + z, slot, memories, **block_kwargs)
             slot += blocks
-        y = self._net(y + z, slot, **block_kwargs)
+        y = self._net(y + z, slot, memories, **block_kwargs)
         return y, z, slot + blocks
 
     @merge_with_config_defaults
@@ -534,11 +567,11 @@ class CognateModel(CognatePreTrainedModel):
             position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
             cache=cache,
             use_cache=use_cache,
-            token_mask=token_mask,
             **kwargs,
         )
 
         x = inputs_embeds
+        memories = self.write_memories(x, token_mask, cache)
         y = self.y_init.to(x.dtype).expand_as(x)
         z = self.z_init.to(x.dtype).expand_as(x)
         batch = x.shape[0]
@@ -549,8 +582,8 @@ class CognateModel(CognatePreTrainedModel):
         for step in range(most):
             with torch.no_grad():
                 for _ in range(config.h_cycles - 1):
-                    y, z, slot = self._cycle(x, y, z, slot, **block_kwargs)
-            y, z, slot = self._cycle(x, y, z, slot, **block_kwargs)
+                    y, z, slot = self._cycle(x, y, z, slot, memories, **block_kwargs)
+            y, z, slot = self._cycle(x, y, z, slot, memories, **block_kwargs)
             state = self.norm(y)
             states.append(state)
             halts.append(self.halt_head(state).squeeze(-1))
