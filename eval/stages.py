@@ -230,7 +230,10 @@ def stage_win_rate(ctx: Any, spec: dict[str, Any], default_model: str) -> dict[s
 
 
 def register() -> None:
+    from eval.diversity import register as register_diversity
     from toolkit.stages import StageKind, register_stage
+
+    register_diversity()
 
     register_stage(
         StageKind(

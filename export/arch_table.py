@@ -65,7 +65,7 @@ def render_table() -> str:
         "| preset | arch | parameters | fp32 | fp16 | shape | GGUF (llama.cpp graph) | vLLM | notes |",
         "| --- | --- | ---: | ---: | ---: | --- | --- | --- | --- |",
     ]
-    blocked: list[str] = []
+    blocked: dict[tuple[str, str], list[str]] = {}  # (target, reason) -> the presets it blocks, in order
     for name, preset in PRESETS.items():
         config = build_config(name)
         n = count_parameters(config)
@@ -76,10 +76,13 @@ def render_table() -> str:
             f"| {_gguf_cell(result)} "
             f"| {_vllm_cell(result)} | {notes} |"
         )
-        blocked += [f"- `{name}`, {t.label}: {t.detail}" for t in result.targets if not t.ok]
+        for t in result.targets:
+            if not t.ok:
+                blocked.setdefault((t.label, t.detail), []).append(f"`{name}`")
     lines += ["", *[f"- `{arch.name}`: {arch.description}" for arch in ARCHITECTURES.values()]]
     if blocked:
-        lines += ["", "Blocked exports (`toolkit arch check PRESET` says the same):", "", *blocked]
+        lines += ["", "Blocked exports (`toolkit arch check PRESET` says the same):", ""]
+        lines += [f"- {', '.join(names)}, {label}: {detail}" for (label, detail), names in blocked.items()]
     return "\n".join([*lines, END])
 
 

@@ -125,7 +125,7 @@ def run_hf_export(ctx: StageContext, source: Any, spec: dict[str, Any]) -> Stage
     evaluation = {
         "hf": str(result.path),
         "remote_code": result.remote_code,
-        "verification": (result.report.get("verification") or {}).get("model", {}).get("measures"),
+        "checks": (result.report.get("verification") or {}).get("model", {}).get("measures"),
     }
     return StageOutcome(final=result.path, eval=evaluation, details={"hf": str(result.path)})
 

@@ -59,10 +59,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def cmd_arch_list(args: argparse.Namespace) -> int:
     from toolkit.models import ARCHITECTURES, PRESETS, build_config, count_parameters
 
-    print(f"{'preset':<16} {'arch':<10} {'parameters':>14}  description")
+    width = max(16, *(len(name) for name in PRESETS))
+    print(f"{'preset':<{width}} {'arch':<10} {'parameters':>14}  description")
     for name, preset in PRESETS.items():
         n = count_parameters(build_config(name))
-        print(f"{name:<16} {preset.arch:<10} {n:>14,}  {preset.description}")
+        print(f"{name:<{width}} {preset.arch:<10} {n:>14,}  {preset.description}")
     print("\narchitectures: " + ", ".join(f"{a.name} ({a.description})" for a in ARCHITECTURES.values()))
     return 0
 

@@ -205,6 +205,29 @@ register_architecture(
     ],
 )
 
+# Agent Forge's three Cognate specialisations, as deltas on a cognate preset: more recursion (reasoning), a
+# larger memory behind a shorter attention window (memory), fewer updates and earlier halting (speed).
+COGNATE_SPECIALISATIONS = {
+    "reasoning": dict(h_cycles=3, l_cycles=3),
+    "memory": dict(memory_dim=48, sliding_window=16),
+    "speed": dict(h_cycles=1, l_cycles=1, halt_threshold=0.3),
+}
+COGNATE_25M = dict(
+    vocab_size=32000,
+    hidden_size=320,
+    intermediate_size=864,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    max_position_embeddings=2048,
+    sliding_window=256,
+    memory_heads=8,
+    memory_dim=40,
+    h_cycles=2,
+    l_cycles=3,
+    supervision_steps=4,
+    halting="adaptive",
+)
+
 # TRM-style recursion with a Titans MAG memory and ACT halting (toolkit/models/cognate/).
 register_architecture(
     Architecture(
@@ -235,25 +258,19 @@ register_architecture(
     [
         Preset("cognate-tiny", "cognate", {}, "for tests and the CPU demo"),
         # The seed's size: ~25M parameters, 8 blocks, a 32000 vocabulary.
-        Preset(
-            "cognate-25m",
-            "cognate",
-            dict(
-                vocab_size=32000,
-                hidden_size=320,
-                intermediate_size=864,
-                num_hidden_layers=8,
-                num_attention_heads=8,
-                max_position_embeddings=2048,
-                sliding_window=256,
-                memory_heads=8,
-                memory_dim=40,
-                h_cycles=2,
-                l_cycles=3,
-                supervision_steps=4,
-                halting="adaptive",
-            ),
-            "the seed's ~25M, 8 blocks",
+        Preset("cognate-25m", "cognate", COGNATE_25M, "the seed's ~25M, 8 blocks"),
+        *(
+            Preset(f"cognate-tiny-{name}", "cognate", delta, f"cognate-tiny, {name} specialisation")
+            for name, delta in COGNATE_SPECIALISATIONS.items()
+        ),
+        *(
+            Preset(
+                f"cognate-25m-{name}",
+                "cognate",
+                {**COGNATE_25M, **delta, "memory_dim": 64} if name == "memory" else {**COGNATE_25M, **delta},
+                f"cognate-25m, {name} specialisation",
+            )
+            for name, delta in COGNATE_SPECIALISATIONS.items()
         ),
     ],
 )

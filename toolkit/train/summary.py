@@ -55,6 +55,15 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
                 f"{', '.join(r.eval.get('verified_in') or ['nothing'])}; serve it: toolkit serve {r.eval['vllm']}",
                 "",
             ]
+        if r.eval and r.eval.get("hf"):
+            how = (
+                "with its modelling files (trust_remote_code=True)" if r.eval.get("remote_code") else "as is"
+            )
+            lines += [
+                f"{r.name}: {r.eval['hf']} loads with from_pretrained {how}, checked in a clean process; "
+                f"push it: toolkit push {r.eval['hf']} --repo USER/NAME",
+                "",
+            ]
         measures = (r.eval or {}).get("verification")
         if measures:
             lines.append(
