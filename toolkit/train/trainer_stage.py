@@ -23,6 +23,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Trainer,
 )
 
 from toolkit.data.tokenizer import end_of_turn_ids
@@ -435,7 +436,7 @@ def build_trainer(
     args = fit_hardware(ctx, model, tokenizer, args)
     adapter = peft_config(stage, model)
     extras = resolve(spec.extras)(ctx, model, tokenizer, adapter) if spec.extras else {}
-    trainer = resolve(spec.trainer)(
+    trainer = with_model_loss(resolve(spec.trainer), model)(
         model=model,
         args=args,
         train_dataset=train_data,
@@ -456,6 +457,24 @@ def build_trainer(
         need = disk_needed(trainer.model, args, adapter_only=adapter is not None)
         preflight_disk(stage.name, ctx.folder.path, need)
     return trainer
+
+
+def with_model_loss(trainer_class: type, model: PreTrainedModel) -> type:
+    """`trainer_class`, or for a model whose loss is more than next-token NLL (it reports its parts through
+    `pop_loss_parts`, as cognate's deep supervision, halting and ponder cost do) on TRL's SFTTrainer, the
+    subclass TRL's documentation recommends: TRL 1.x computes SFT's loss itself, from a fused LM head over the
+    backbone's hidden states, which would skip the model's own loss; this one takes the loss the model returns
+    (`Trainer.compute_loss`). Other trainers (DPO, GRPO, ...) train on their own objectives either way."""
+    from trl import SFTTrainer
+
+    if not callable(getattr(model, "pop_loss_parts", None)) or not issubclass(trainer_class, SFTTrainer):
+        return trainer_class
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {**inputs, "use_cache": False}
+        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return type(f"ModelLoss{trainer_class.__name__}", (trainer_class,), {"compute_loss": compute_loss})
 
 
 def train(ctx: StageContext, trainer: Any, step_offset: int = 0) -> None:

@@ -257,3 +257,54 @@ def test_loss_parts_add_up_and_reach_the_training_log(tmp_path):
             record
         )
         assert record["halting_steps"] == c.supervision_steps  # training runs every step
+
+
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_trl_trains_it_unchanged(method, tmp_path):
+    """TRL's preference and online-RL trainers take the model as it is: a DPO step on pairs, a GRPO step
+    that generates with it (KV cache, adaptive halting off) and scores the completions."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    from tests.export.conftest import save_preset_model
+
+    folder = save_preset_model("cognate-tiny", tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    common = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+    )
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        rows = [{"prompt": "Say yes.", "chosen": " yes", "rejected": " no"}] * 4
+        trainer = DPOTrainer(
+            model=model,
+            args=DPOConfig(**common, max_length=32),
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+        )
+    else:
+        from trl import GRPOConfig, GRPOTrainer
+
+        def reward(completions, **kwargs):
+            return [float(len(c)) for c in completions]
+
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=reward,
+            args=GRPOConfig(**common, num_generations=2, max_completion_length=4, beta=0.0),
+            train_dataset=Dataset.from_list([{"prompt": "Count: 1 2 3"}] * 4),
+            processing_class=tokenizer,
+        )
+    trainer.train()
+    changed = [name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed and "model.halt_head.weight" not in changed
