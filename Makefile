@@ -43,6 +43,8 @@ $(STAMP): pyproject.toml $(LOCK)
 
 $(DS_STAMP): $(STAMP)
 	rm -rf $(DS_VENV) && python3 -m venv $(DS_VENV)
+	# The setuptools a new venv bundles (no bdist_wheel) would shadow the lock's, which builds DeepSpeed's wheel.
+	$(DS_VENV)/bin/python -m pip uninstall -q -y setuptools
 	$(PY) -c '$(PURELIB)' > "$$($(DS_VENV)/bin/python -c '$(PURELIB)')/forge-main.pth"
 	$(DS_VENV)/bin/python -m pip install -q --no-build-isolation -c $(LOCK) '$(DEEPSPEED)'
 	$(DS_VENV)/bin/python -m pip check
@@ -124,6 +126,7 @@ test-latest:
 		--find-links "$$wheels" -e '.[dev]'
 	$(LATEST_PY) -m pip check
 	rm -rf $(LATEST_DS) && python3 -m venv $(LATEST_DS)
+	$(LATEST_DS)/bin/python -m pip uninstall -q -y setuptools
 	$(LATEST_PY) -c '$(PURELIB)' > "$$($(LATEST_DS)/bin/python -c '$(PURELIB)')/forge-main.pth"
 	$(LATEST_DS)/bin/python -m pip install -q --no-build-isolation -c $(LATEST_VENV)/torch.txt '$(DEEPSPEED)'
 	$(LATEST_DS)/bin/python -m pip check
