@@ -102,7 +102,7 @@ def train_briefly(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, st
 def save_model(
     kind: str, out_dir: Path, style: str = "qwen2", seed: int = 0, train: bool = False, **overrides
 ) -> Path:
-    """A tiny `kind` model (decoder, llama, qwen2, qwen3, olmo2, phi3, mistral) with a `style` tokenizer, saved to `out_dir`.
+    """A tiny `kind` model (decoder, llama, qwen2, qwen3, olmo2, phi3, mistral, smollm3) with a `style` tokenizer, saved to `out_dir`.
 
     Untrained models have flat logits (fine for f32 parity); `train` makes them peaked for quant bounds.
     """
@@ -119,6 +119,8 @@ def save_model(
         Qwen2ForCausalLM,
         Qwen3Config,
         Qwen3ForCausalLM,
+        SmolLM3Config,
+        SmolLM3ForCausalLM,
     )
 
     from toolkit.models import DecoderForCausalLM, build_config
@@ -148,6 +150,7 @@ def save_model(
             "olmo2": (Olmo2Config, Olmo2ForCausalLM),
             "phi3": (Phi3Config, Phi3ForCausalLM),
             "mistral": (MistralConfig, MistralForCausalLM),
+            "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
         }[kind]
         model = model_class(config_class(**shape))
         if kind in ("qwen3", "olmo2", "phi3"):

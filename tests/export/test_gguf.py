@@ -74,6 +74,7 @@ LLAMA3_ROPE = {
             {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
         ),
         ("mistral", "gpt-2", {"sliding_window": 128}),
+        ("smollm3", "llama-bpe", {"num_hidden_layers": 4}),  # layer 3 without RoPE (NoPE)
     ],
 )
 def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra):
@@ -83,7 +84,8 @@ def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra)
     _assert_verified(result)
     reader = gguf.GGUFReader(result.path)
     arch = reader.fields["general.architecture"].contents()
-    assert arch == {"qwen2": "qwen2", "qwen3": "qwen3", "olmo2": "olmo2", "phi3": "phi3"}.get(kind, "llama")
+    native = {"qwen2", "qwen3", "olmo2", "phi3", "smollm3"}  # llama.cpp graphs named as the family
+    assert arch == (kind if kind in native else "llama")
     assert reader.fields["tokenizer.ggml.pre"].contents() == style
     if (
         kind == "llama" and "rope_parameters" in extra
@@ -214,3 +216,11 @@ def test_k_quant_fallbacks_are_reported(make_model, tmp_path):
     assert set(result.fallbacks) == {"blk.0.ffn_down.weight", "blk.1.ffn_down.weight"}
     assert "not a multiple of 256" in result.fallbacks["blk.0.ffn_down.weight"]
     assert result.report["fallbacks"] == result.fallbacks
+
+
+def test_a_smollm3_nope_layout_llama_cpp_lacks_is_refused_naming_the_key(make_model, tmp_path):
+    """llama.cpp's smollm3 graph leaves RoPE out of every fourth layer, always; another layout is refused."""
+    folder = make_model("smollm3", tmp_path / "smollm3", num_hidden_layers=4, no_rope_layers=[1, 0, 1, 1])
+    with pytest.raises(ExportError, match=r"layers without RoPE \(no_rope_layers\) = '\[1, 0, 1, 1\]'"):
+        export_gguf(folder, "f16", tmp_path / "s.gguf")
+    assert not list(tmp_path.glob("*.gguf"))

@@ -409,6 +409,35 @@ PHI3_GGUF = GGUFPlan(
     ignored=_IGNORED,
 )
 
+
+def no_rope_pattern(config: Config) -> str:
+    """SmolLM3's NoPE layout, as llama.cpp's `smollm3` graph can run it: "every 4th" when the layers without RoPE
+    are exactly every fourth one (3, 7, ...: the interval llama.cpp hard-codes), else the list itself."""
+    layers = config.get("no_rope_layers")
+    count = config.get("num_hidden_layers") or 0
+    if layers is None:
+        return "every 4th" if (config.get("no_rope_layer_interval") or 4) == 4 else "other"
+    if list(layers) == [int((i + 1) % 4 != 0) for i in range(count)]:
+        return "every 4th"
+    return str(list(layers))
+
+
+# llama.cpp's `smollm3` graph (SmolLM3): Llama's block and normal RoPE (q/k rows permuted as for `llama`),
+# with RoPE left out of every fourth layer (NoPE). The checkpoint's `no_rope_layers` must be that pattern.
+SMOLLM3_GGUF = GGUFPlan(
+    arch="smollm3",
+    hparams=LLAMA_HPARAMS,
+    tensors=_EDGE_RULES
+    + _block_rules(permute_q, permute_k, qkv_bias_optional=True)
+    + (TensorRule(f"{_BLOCK}.self_attn.o_proj.bias", "blk.{bid}.attn_output.bias", optional=True),),
+    checks=DEFAULT_ROPE_CHECKS
+    + (
+        ConfigCheck(no_rope_pattern, ("every 4th",), "layers without RoPE (no_rope_layers)"),
+        ConfigCheck("use_sliding_window", (None, False), "sliding-window attention (use_sliding_window)"),
+    ),
+    ignored=_IGNORED,
+)
+
 # Native transformers folders are already what vLLM serves: the export copies and normalises them.
 register_plan(ExportPlan("llama", gguf=LLAMA_GGUF, vllm=VLLMPlan("LlamaForCausalLM", "llama")))
 register_plan(
@@ -422,6 +451,7 @@ register_plan(
 register_plan(ExportPlan("qwen2", gguf=QWEN2_GGUF, vllm=VLLMPlan("Qwen2ForCausalLM", "qwen2")))
 register_plan(ExportPlan("qwen3", gguf=QWEN3_GGUF, vllm=VLLMPlan("Qwen3ForCausalLM", "qwen3")))
 register_plan(ExportPlan("olmo2", gguf=OLMO2_GGUF, vllm=VLLMPlan("Olmo2ForCausalLM", "olmo2")))
+register_plan(ExportPlan("smollm3", gguf=SMOLLM3_GGUF, vllm=VLLMPlan("SmolLM3ForCausalLM", "smollm3")))
 register_plan(
     ExportPlan(
         "phi3",
