@@ -107,6 +107,8 @@ def save_model(
     Untrained models have flat logits (fine for f32 parity); `train` makes them peaked for quant bounds.
     """
     from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
         MistralConfig,
@@ -151,13 +153,17 @@ def save_model(
             "phi3": (Phi3Config, Phi3ForCausalLM),
             "mistral": (MistralConfig, MistralForCausalLM),
             "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
+            "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
         }[kind]
         model = model_class(config_class(**shape))
-        if kind in ("qwen3", "olmo2", "phi3"):
-            with torch.no_grad():  # norm weights start at 1: random ones show a swapped or missing norm
+        if kind in ("qwen3", "olmo2", "phi3", "gemma3"):
+            # Norm weights start at 1 (Gemma's at 0, its norms scale by 1 + w): random ones show a swapped or
+            # missing norm.
+            centre = 0.0 if kind == "gemma3" else 1.0
+            with torch.no_grad():
                 for name, param in model.named_parameters():
                     if "norm" in name:
-                        param.normal_(1.0, 0.2)
+                        param.normal_(centre, 0.2)
     return finish_model(model, tokenizer, out_dir, train)
 
 

@@ -58,6 +58,11 @@ LLAMA3_ROPE = {
 }
 
 
+# Gemma 3 text: seven layers (the sixth global), a window shorter than the verification prompts, the head width
+# llama.cpp's attention scale assumes.
+GEMMA3 = {"num_hidden_layers": 7, "sliding_window": 6, "head_dim": 64, "query_pre_attn_scalar": 64}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "style", "extra"),
@@ -75,6 +80,7 @@ LLAMA3_ROPE = {
         ),
         ("mistral", "gpt-2", {"sliding_window": 128}),
         ("smollm3", "llama-bpe", {"num_hidden_layers": 4}),  # layer 3 without RoPE (NoPE)
+        ("gemma3", "gpt-2", GEMMA3),  # norms as 1 + w, scaled embeddings, a 6-token window, layer 5 global
     ],
 )
 def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra):
@@ -84,7 +90,7 @@ def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra)
     _assert_verified(result)
     reader = gguf.GGUFReader(result.path)
     arch = reader.fields["general.architecture"].contents()
-    native = {"qwen2", "qwen3", "olmo2", "phi3", "smollm3"}  # llama.cpp graphs named as the family
+    native = {"qwen2", "qwen3", "olmo2", "phi3", "smollm3", "gemma3"}  # llama.cpp graphs named as the family
     assert arch == (kind if kind in native else "llama")
     assert reader.fields["tokenizer.ggml.pre"].contents() == style
     if (
@@ -97,7 +103,10 @@ def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra)
         factors = next(t for t in reader.tensors if t.name == "rope_freqs.weight").data
         np.testing.assert_allclose(factors, (default / rotary.inv_freq.double()).numpy(), rtol=1e-5)
         assert factors.min() == 1.0 and factors.max() == pytest.approx(8.0)
-    if "sliding_window" in extra:  # the window, not max_position_embeddings, is what llama.cpp runs exactly
+    if kind == "gemma3":  # llama.cpp runs Gemma's window itself: the whole context, and the window beside it
+        assert reader.fields["gemma3.context_length"].contents() == 256
+        assert reader.fields["gemma3.attention.sliding_window"].contents() == 6
+    elif "sliding_window" in extra:  # the window, not max_position_embeddings, is what llama.cpp runs exactly
         assert reader.fields[f"{arch}.context_length"].contents() == 128
     q8 = export_gguf(folder, "q8_0", tmp_path / f"{kind}-q8_0.gguf")
     _assert_verified(q8)
@@ -223,4 +232,36 @@ def test_a_smollm3_nope_layout_llama_cpp_lacks_is_refused_naming_the_key(make_mo
     folder = make_model("smollm3", tmp_path / "smollm3", num_hidden_layers=4, no_rope_layers=[1, 0, 1, 1])
     with pytest.raises(ExportError, match=r"layers without RoPE \(no_rope_layers\) = '\[1, 0, 1, 1\]'"):
         export_gguf(folder, "f16", tmp_path / "s.gguf")
+    assert not list(tmp_path.glob("*.gguf"))
+
+
+@pytest.mark.parametrize(
+    ("change", "component"),
+    [
+        (
+            {"query_pre_attn_scalar": 256},
+            r"attention scale \(query_pre_attn_scalar\) = '256 \(head_dim 64\)'",
+        ),
+        ({"layer_types": ["full_attention"] * 7}, r"sliding/global layer pattern \(layer_types\)"),
+        ({"final_logit_softcapping": 30.0}, r"final logit soft-capping \(final_logit_softcapping\)"),
+        (
+            {
+                "rope_parameters": {
+                    "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                }
+            },
+            r"RoPE scaling of the global layers \(rope_parameters.full_attention.rope_type\)",
+        ),
+    ],
+)
+def test_a_gemma3_option_llama_cpp_fixes_otherwise_is_refused_naming_the_key(
+    make_model, tmp_path, change, component
+):
+    folder = make_model("gemma3", tmp_path / "gemma3", **GEMMA3)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=component):
+        export_gguf(folder, "f16", tmp_path / "g.gguf")
     assert not list(tmp_path.glob("*.gguf"))

@@ -438,6 +438,93 @@ SMOLLM3_GGUF = GGUFPlan(
     ignored=_IGNORED,
 )
 
+def plus_one(tensor: np.ndarray, config: Config) -> np.ndarray:
+    """Gemma's RMSNorm scales by (1 + weight); llama.cpp's graphs scale by the stored weight."""
+    return tensor + 1
+
+
+def gemma3_layer_pattern(config: Config) -> str:
+    """Gemma 3's attention layout as llama.cpp's `gemma3` graph runs it: "5 sliding, 1 full" when every sixth
+    layer is global and the rest sliding (the pattern llama.cpp hard-codes), else the list itself."""
+    count = config.get("num_hidden_layers") or 0
+    expected = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(count)]
+    types = config.get("layer_types")
+    return "5 sliding, 1 full" if types is None or list(types) == expected else str(list(types))
+
+
+def gemma3_attention_scale(config: Config) -> str:
+    """llama.cpp's `gemma3` graph scales attention by 1/sqrt(head_dim) (its 27B type aside): the config's
+    query_pre_attn_scalar must be the head width."""
+    scalar = config.get("query_pre_attn_scalar")
+    return "head_dim" if scalar in (None, head_dim(config)) else f"{scalar} (head_dim {head_dim(config)})"
+
+
+# llama.cpp's `gemma3` graph (Gemma 3 text models, model_type gemma3_text): embeddings scaled by sqrt(hidden) in
+# the graph, as Gemma's scaled embedding does; four RMSNorms per block (before and after attention and MLP),
+# each stored as 1 + weight; QK-norm per head; a GELU (tanh) gated MLP; NEOX RoPE; sliding-window layers with
+# a global one every sixth, the global ones at the full-attention RoPE base and the local ones at 10000 (both
+# as llama.cpp fixes them). The context is the model's: llama.cpp runs the window itself.
+_GEMMA_ATTN = f"{_BLOCK}.self_attn"
+GEMMA3_GGUF = GGUFPlan(
+    arch="gemma3",
+    hparams=(
+        HParam("{arch}.context_length", "max_position_embeddings"),
+        *SHAPE_HPARAMS[1:],
+        HParam("{arch}.attention.head_count_kv", kv_heads),
+        HParam("{arch}.rope.dimension_count", head_dim),
+        HParam("{arch}.rope.freq_base", "rope_parameters.full_attention.rope_theta", "float32"),
+        HParam("{arch}.attention.key_length", head_dim),
+        HParam("{arch}.attention.value_length", head_dim),
+        HParam("{arch}.attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
+        HParam("{arch}.attention.sliding_window", "sliding_window"),
+    ),
+    tensors=(
+        TensorRule("model.embed_tokens.weight", "token_embd.weight"),
+        TensorRule("model.norm.weight", "output_norm.weight", plus_one),
+        TensorRule("lm_head.weight", "output.weight", optional=True),
+        TensorRule(f"{_BLOCK}.input_layernorm.weight", "blk.{bid}.attn_norm.weight", plus_one),
+        TensorRule(f"{_GEMMA_ATTN}.q_proj.weight", "blk.{bid}.attn_q.weight"),
+        TensorRule(f"{_GEMMA_ATTN}.k_proj.weight", "blk.{bid}.attn_k.weight"),
+        TensorRule(f"{_GEMMA_ATTN}.v_proj.weight", "blk.{bid}.attn_v.weight"),
+        TensorRule(f"{_GEMMA_ATTN}.o_proj.weight", "blk.{bid}.attn_output.weight"),
+        TensorRule(f"{_GEMMA_ATTN}.q_norm.weight", "blk.{bid}.attn_q_norm.weight", plus_one),
+        TensorRule(f"{_GEMMA_ATTN}.k_norm.weight", "blk.{bid}.attn_k_norm.weight", plus_one),
+        TensorRule(f"{_BLOCK}.post_attention_layernorm.weight", "blk.{bid}.post_attention_norm.weight", plus_one),
+        TensorRule(f"{_BLOCK}.pre_feedforward_layernorm.weight", "blk.{bid}.ffn_norm.weight", plus_one),
+        TensorRule(f"{_BLOCK}.mlp.gate_proj.weight", "blk.{bid}.ffn_gate.weight"),
+        TensorRule(f"{_BLOCK}.mlp.up_proj.weight", "blk.{bid}.ffn_up.weight"),
+        TensorRule(f"{_BLOCK}.mlp.down_proj.weight", "blk.{bid}.ffn_down.weight"),
+        TensorRule(f"{_BLOCK}.post_feedforward_layernorm.weight", "blk.{bid}.post_ffw_norm.weight", plus_one),
+    ),
+    checks=(
+        ConfigCheck("hidden_activation", ("gelu_pytorch_tanh", "gelu_new"), "activation (hidden_activation)"),
+        ConfigCheck(
+            "rope_parameters.full_attention.rope_type",
+            ("default",),
+            "RoPE scaling of the global layers (rope_parameters.full_attention.rope_type)",
+        ),
+        ConfigCheck(
+            "rope_parameters.sliding_attention.rope_type",
+            ("default",),
+            "RoPE scaling of the sliding layers (rope_parameters.sliding_attention.rope_type)",
+        ),
+        ConfigCheck(
+            "rope_parameters.sliding_attention.rope_theta",
+            (10000.0, 10000),
+            "RoPE base of the sliding layers (rope_parameters.sliding_attention.rope_theta)",
+        ),
+        ConfigCheck(gemma3_layer_pattern, ("5 sliding, 1 full",), "sliding/global layer pattern (layer_types)"),
+        ConfigCheck(gemma3_attention_scale, ("head_dim",), "attention scale (query_pre_attn_scalar)"),
+        ConfigCheck("final_logit_softcapping", (None,), "final logit soft-capping (final_logit_softcapping)"),
+        ConfigCheck("attn_logit_softcapping", (None,), "attention soft-capping (attn_logit_softcapping)"),
+        ConfigCheck("attention_bias", (None, False), "attention biases (attention_bias)"),
+        ConfigCheck(
+            "use_bidirectional_attention", (None, False), "bidirectional attention (use_bidirectional_attention)"
+        ),
+    ),
+    ignored=_IGNORED,
+)
+
 # Native transformers folders are already what vLLM serves: the export copies and normalises them.
 register_plan(ExportPlan("llama", gguf=LLAMA_GGUF, vllm=VLLMPlan("LlamaForCausalLM", "llama")))
 register_plan(
@@ -451,6 +538,7 @@ register_plan(
 register_plan(ExportPlan("qwen2", gguf=QWEN2_GGUF, vllm=VLLMPlan("Qwen2ForCausalLM", "qwen2")))
 register_plan(ExportPlan("qwen3", gguf=QWEN3_GGUF, vllm=VLLMPlan("Qwen3ForCausalLM", "qwen3")))
 register_plan(ExportPlan("olmo2", gguf=OLMO2_GGUF, vllm=VLLMPlan("Olmo2ForCausalLM", "olmo2")))
+register_plan(ExportPlan("gemma3_text", gguf=GEMMA3_GGUF, vllm=VLLMPlan("Gemma3ForCausalLM", "gemma3_text")))
 register_plan(ExportPlan("smollm3", gguf=SMOLLM3_GGUF, vllm=VLLMPlan("SmolLM3ForCausalLM", "smollm3")))
 register_plan(
     ExportPlan(
