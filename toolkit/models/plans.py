@@ -438,6 +438,7 @@ SMOLLM3_GGUF = GGUFPlan(
     ignored=_IGNORED,
 )
 
+
 def plus_one(tensor: np.ndarray, config: Config) -> np.ndarray:
     """Gemma's RMSNorm scales by (1 + weight); llama.cpp's graphs scale by the stored weight."""
     return tensor + 1
@@ -489,7 +490,9 @@ GEMMA3_GGUF = GGUFPlan(
         TensorRule(f"{_GEMMA_ATTN}.o_proj.weight", "blk.{bid}.attn_output.weight"),
         TensorRule(f"{_GEMMA_ATTN}.q_norm.weight", "blk.{bid}.attn_q_norm.weight", plus_one),
         TensorRule(f"{_GEMMA_ATTN}.k_norm.weight", "blk.{bid}.attn_k_norm.weight", plus_one),
-        TensorRule(f"{_BLOCK}.post_attention_layernorm.weight", "blk.{bid}.post_attention_norm.weight", plus_one),
+        TensorRule(
+            f"{_BLOCK}.post_attention_layernorm.weight", "blk.{bid}.post_attention_norm.weight", plus_one
+        ),
         TensorRule(f"{_BLOCK}.pre_feedforward_layernorm.weight", "blk.{bid}.ffn_norm.weight", plus_one),
         TensorRule(f"{_BLOCK}.mlp.gate_proj.weight", "blk.{bid}.ffn_gate.weight"),
         TensorRule(f"{_BLOCK}.mlp.up_proj.weight", "blk.{bid}.ffn_up.weight"),
@@ -513,13 +516,17 @@ GEMMA3_GGUF = GGUFPlan(
             (10000.0, 10000),
             "RoPE base of the sliding layers (rope_parameters.sliding_attention.rope_theta)",
         ),
-        ConfigCheck(gemma3_layer_pattern, ("5 sliding, 1 full",), "sliding/global layer pattern (layer_types)"),
+        ConfigCheck(
+            gemma3_layer_pattern, ("5 sliding, 1 full",), "sliding/global layer pattern (layer_types)"
+        ),
         ConfigCheck(gemma3_attention_scale, ("head_dim",), "attention scale (query_pre_attn_scalar)"),
         ConfigCheck("final_logit_softcapping", (None,), "final logit soft-capping (final_logit_softcapping)"),
         ConfigCheck("attn_logit_softcapping", (None,), "attention soft-capping (attn_logit_softcapping)"),
         ConfigCheck("attention_bias", (None, False), "attention biases (attention_bias)"),
         ConfigCheck(
-            "use_bidirectional_attention", (None, False), "bidirectional attention (use_bidirectional_attention)"
+            "use_bidirectional_attention",
+            (None, False),
+            "bidirectional attention (use_bidirectional_attention)",
         ),
     ),
     ignored=_IGNORED,
