@@ -178,18 +178,14 @@ def run_diversity(ctx: StageContext) -> StageOutcome:
 
 def preflight_diversity(stage: Any, at: str, problems: Any, recipe: Any = None) -> None:
     """Every named model is an earlier stage that produces one."""
-    from toolkit.stages import get_stage
+    from toolkit.stages import find_earlier, get_stage
 
-    earlier: dict[str, Any] = {}
-    for other in recipe.stages if recipe is not None else []:
-        if other.name == stage.name:
-            break
-        earlier[other.name] = other
     for name in (stage.options or {}).get("models") or []:
-        if name not in earlier:
+        ref = find_earlier(recipe, stage, name)
+        if ref.stage is None:
             problems.add(f"{at}.diversity.models: '{name}' is not a stage before this one")
-        elif not get_stage(earlier[name].method).produces_model:
-            problems.add(f"{at}.diversity.models: stage '{name}' ({earlier[name].method}) makes no model")
+        elif not get_stage(ref.stage.method).produces_model:
+            problems.add(f"{at}.diversity.models: stage '{name}' ({ref.stage.method}) makes no model")
 
 
 def register() -> None:

@@ -66,13 +66,6 @@ def hf_route(model_type: str) -> Route:
     return Route("native", getattr(transformers, class_name), model_type)
 
 
-def default_output(source: Any) -> Path:
-    """`runs/<name>/hf` for a run, `<folder>-hf` beside an HF folder."""
-    if source.run_dir is not None:
-        return source.run_dir / "hf"
-    return source.folder.with_name(f"{source.folder.name}-hf")
-
-
 def export_hf(
     src: str | Path,
     out: str | Path | None = None,
@@ -92,7 +85,7 @@ def export_hf(
     started = time.perf_counter()
     source = resolve_source(src, prompts=PROMPTS)
     try:
-        out_path = Path(out) if out is not None else default_output(source)
+        out_path = Path(out) if out is not None else source.output_folder("hf")
         if out_path.exists() and not force:
             raise ExportError(f"{out_path} exists; pass --force to replace it")
         config = json.loads((source.folder / "config.json").read_text())

@@ -32,6 +32,13 @@ class Source:
     license: str | None = None
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
+    def output_folder(self, kind: str) -> Path:
+        """Where an export of `kind` (vllm, hf) goes by default: `runs/<name>/<kind>` for a run, `<folder>-<kind>`
+        beside an HF folder."""
+        if self.run_dir is not None:
+            return self.run_dir / kind
+        return self.folder.with_name(f"{self.folder.name}-{kind}")
+
     def cleanup(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.source import Source, resolve_source
+from export.source import resolve_source
 from toolkit.errors import ExportError
 from toolkit.io import atomic_path, write_json
 from toolkit.models.plans import VLLMPlan, get_plan
@@ -395,13 +395,6 @@ def write_adapter(adapter_dir: Path, out: Path, route: Route, base_dir: Path) ->
     _copy_tokenizer(adapter_dir, out)
 
 
-def default_output(source: Source) -> Path:
-    """`runs/<name>/vllm` for a run, `<folder>-vllm` beside an HF folder."""
-    if source.run_dir is not None:
-        return source.run_dir / "vllm"
-    return source.folder.with_name(f"{source.folder.name}-vllm")
-
-
 def export_vllm(
     src: str | Path,
     out: str | Path | None = None,
@@ -434,7 +427,7 @@ def export_vllm(
     started = time.perf_counter()
     source = resolve_source(src, prompts=_prompts())
     try:
-        out_path = Path(out) if out is not None else default_output(source)
+        out_path = Path(out) if out is not None else source.output_folder("vllm")
         if out_path.exists() and not force:
             raise ExportError(f"{out_path} exists; pass --force to replace it")
         config = json.loads((source.folder / "config.json").read_text())
