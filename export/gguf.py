@@ -5,7 +5,7 @@ then each tensor is read in row blocks, transformed as the architecture's export
 written before the next block is read, so peak memory stays near one block (a whole tensor only where a
 transform needs it: the q/k projections). gguf-py's `GGUFWriter`
 does the file format and `gguf.quants` the numpy quantization (byte-identical to ggml); K-quants come from
-llama.cpp's own quantizer (export/llama_cpp.py). What is ours is the mapping, which is data in
+llama.cpp's own type choice and ggml's quantizer, block by block in the same pass (export/llama_cpp.py). What is ours is the mapping, which is data in
 `toolkit.models.plans`, and the checks that refuse before anything is written.
 """
 
@@ -44,7 +44,7 @@ class QuantSpec:
     # Sub-8-bit numpy types keep the embedding and output projection at Q8_0: they carry most of the error
     # (llama.cpp's own mixes keep them at 6 bits or more for the same reason).
     edge: Q | None = None
-    llama_cpp: bool = False  # quantized by llama.cpp's quantizer from an f32/f16/bf16 file
+    llama_cpp: bool = False  # types chosen and blocks quantized by llama.cpp's code (export/llama_cpp.py)
     # Ternary types (TQ1_0, TQ2_0): exact for weights that are ternary × one scale, garbage for others, so the
     # export refuses a matrix that is neither ternary nor a BitNet layer (ternarized as the model computes it).
     ternary: bool = False
@@ -68,7 +68,9 @@ QUANTS: dict[str, QuantSpec] = {
     "tq1_0": QuantSpec(Q.TQ1_0, FT.MOSTLY_TQ1_0, edge=Q.F16, ternary=True),
 }
 EDGE_TENSORS = ("token_embd.weight", "output.weight")
-# A K-quant's intermediate file keeps the source precision, so quantization starts from the real weights.
+FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+# The precision llama.cpp's quantizer would read a K-quant's tensors at, had it a full-precision file: the
+# type a tensor it does not quantize keeps.
 INTERMEDIATE = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
 
 
@@ -418,6 +420,41 @@ def assign_types(jobs: list[TensorJob], spec: QuantSpec) -> None:
             job.qtype = wanted
 
 
+def assign_kquant_types(jobs: list[TensorJob], quant: str, plan: GGUFPlan, config: Config) -> None:
+    """Give each tensor the type llama.cpp's quantizer would give it in the K-quant mix `quant`, as if it read
+    a full-precision file of the checkpoint (1-D tensors F32, matrices at the widest source precision)."""
+    from export.llama_cpp import kquant_types
+
+    read = [job.source_dtype for job in jobs if job.in_checkpoint]
+    widest = max(read, key=lambda d: {"F32": 2, "F16": 1}.get(d, 0))
+    assign_types(jobs, QUANTS[INTERMEDIATE.get(widest, "f32")])
+    hparams = {hparam.key.format(arch=plan.arch): hparam.value(config) for hparam in plan.hparams}
+    chosen = kquant_types(
+        {job.target: (job.shape, int(job.qtype)) for job in jobs},
+        quant,
+        plan.arch,
+        {key: value for key, value in hparams.items() if value is not None},
+    )
+    for job in jobs:
+        job.qtype, job.fallback = Q(chosen[job.target]), None
+
+
+def kquant_fallbacks(jobs: list[TensorJob]) -> dict[str, str]:
+    """Why each matrix of a K-quant file is not of a K type: llama.cpp's choice, for rows that do not fit a
+    256-wide block or for a tensor it keeps in full precision."""
+    from export.llama_cpp import K_BLOCK, K_TYPES
+
+    return {
+        job.target: (
+            f"rows of {job.shape[-1]} are not a multiple of {K_BLOCK}: llama.cpp chose {job.qtype.name}"
+            if job.shape[-1] % K_BLOCK
+            else f"llama.cpp chose {job.qtype.name}"
+        )
+        for job in jobs
+        if len(job.shape) == 2 and job.qtype.name not in K_TYPES
+    }
+
+
 def gguf_plan(model_type: str) -> GGUFPlan:
     """The GGUF part of `model_type`'s export plan, or an error saying there is none."""
     export_plan = get_plan(model_type)
@@ -466,13 +503,16 @@ def write_gguf(
     vocab: GGUFVocab,
     source: Source,
     spec: QuantSpec,
+    n_threads: int | None = None,
 ) -> None:
     """Write the GGUF to a temporary file beside `out` and rename it into place only when complete.
 
     GGUFWriter writes header, metadata and tensor infos. Tensor bytes are written block by block into its
     file, with its alignment padding: `write_tensor_data` takes one whole array per tensor, which would
     hold the largest tensor (the embedding) in float32 and in its quantized form at once. Quantization is
-    per row, so the bytes are identical either way.
+    per row, so the bytes are identical either way. A K-quant file (`spec.llama_cpp`) has its quantized
+    tensors made by ggml's own quantizer on each block (export.llama_cpp.quantize_rows, `n_threads` threads):
+    one pass from the checkpoint, with no full-precision file in between.
     """
     tmp = out.with_name(f".{out.name}.{os.getpid()}.partial")
     writer = gguf.GGUFWriter(tmp, plan.arch)
@@ -498,7 +538,14 @@ def write_gguf(
                 stored = checkpoint.tensors.get(job.source)
                 handle = handles[stored.file] if stored is not None else None
                 for block in checkpoint.blocks(job, config, handle):
-                    gguf.quants.quantize(block, job.qtype).tofile(fout)
+                    if spec.llama_cpp and job.qtype not in FLOAT_TYPES:
+                        from export.llama_cpp import quantize_rows
+
+                        quantize_rows(block.reshape(-1, job.shape[-1]), int(job.qtype), n_threads).tofile(
+                            fout
+                        )
+                    else:
+                        gguf.quants.quantize(block, job.qtype).tofile(fout)
                 writer.write_padding(fout, job.nbytes)
         writer.close()
         os.replace(tmp, out)
@@ -568,25 +615,16 @@ def export_gguf(
 
         out_path.parent.mkdir(parents=True, exist_ok=True)
         if spec.llama_cpp:
-            from export.llama_cpp import quantize_with_llama_cpp
-
-            read = [job.source_dtype for job in jobs if job.in_checkpoint]
-            widest = max(read, key=lambda d: {"F32": 2, "F16": 1}.get(d, 0))
-            base = QUANTS[INTERMEDIATE.get(widest, "f32")]
-            assign_types(jobs, base)
-            mark_ternary(jobs, checkpoint, base)
-            intermediate = out_path.with_name(f".{out_path.name}.{os.getpid()}.source.gguf")
-            try:
-                write_gguf(intermediate, checkpoint, jobs, plan, config, vocab, source, base)
-                tensor_types, fallbacks = quantize_with_llama_cpp(intermediate, out_path, quant, n_threads)
-            finally:
-                intermediate.unlink(missing_ok=True)
+            assign_kquant_types(jobs, quant, plan, config)
+            mark_ternary(jobs, checkpoint, spec)
+            write_gguf(out_path, checkpoint, jobs, plan, config, vocab, source, spec, n_threads)
+            fallbacks = kquant_fallbacks(jobs)
         else:
             assign_types(jobs, spec)
             mark_ternary(jobs, checkpoint, spec)
             write_gguf(out_path, checkpoint, jobs, plan, config, vocab, source, spec)
-            tensor_types = {job.target: job.qtype.name for job in jobs}
             fallbacks = {job.target: job.fallback for job in jobs if job.fallback}
+        tensor_types = {job.target: job.qtype.name for job in jobs}
         result = ExportResult(
             out_path, quant, time.perf_counter() - started, tensor_types, fallbacks, lora=source.lora
         )

@@ -1,15 +1,25 @@
-"""llama.cpp through llama-cpp-python: K-quants with llama.cpp's own quantizer, and loading for verification.
+"""llama.cpp through llama-cpp-python: K-quants with llama.cpp's own code, and loading for verification.
 
-K-quant block search (and the per-tensor mixes of Q4_K_M / Q5_K_M) exist only in ggml's C code: gguf-py can
-dequantize K types but not produce them, so they come from `llama_model_quantize` on an f32/f16/bf16 GGUF
-that export/gguf.py wrote. No llama.cpp checkout or build is involved: llama-cpp-python ships the library.
+K-quant block search exists only in ggml's C code (gguf-py can dequantize K types but not produce them), and
+which tensors of a Q4_K_M / Q5_K_M file get more bits is decided by llama.cpp's quantizer. Both are reached
+through the libraries llama-cpp-python ships, one tensor block at a time, so that export/gguf.py writes a
+K-quant file in one pass, without an intermediate full-precision GGUF:
+
+- `kquant_types`: llama.cpp's own choice of type per tensor (its `llama_quant_compute_types`, the function
+  `llama_model_quantize` calls, on a model described by its hyper-parameters);
+- `quantize_rows`: ggml's `ggml_quantize_chunk` on a float32 row block, rows split over threads.
+
+`quantize_with_llama_cpp` runs `llama_model_quantize` on a whole GGUF: the reference the one-pass export is
+tested and benchmarked against. No llama.cpp checkout or build is involved.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
+import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +30,15 @@ from toolkit.errors import ExportError
 # Types that count as "a K-quant" when deciding whether llama.cpp fell back on a tensor.
 K_TYPES = {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"}
 K_BLOCK = 256
+
+# llama.cpp's quantization-planning entry points are C++ functions of its staging header (src/llama-ext.h), so
+# they are found by their mangled names; a llama-cpp-python without them is named in the error.
+_QUANT_API = {
+    "model_from_metadata": "_Z31llama_quant_model_from_metadataPK22llama_quant_model_desc",
+    "init": "_Z16llama_quant_initPK11llama_modelPK27llama_model_quantize_params",
+    "compute_types": "_Z25llama_quant_compute_typesP19quantize_state_impl11llama_ftypePP11ggml_tensorP9ggml_typem",
+    "free": "_Z16llama_quant_freeP19quantize_state_impl",
+}
 
 
 def _llama_cpp() -> Any:
@@ -96,6 +115,168 @@ def quantize_with_llama_cpp(
         if len(shape) == 2 and kind not in K_TYPES
     }
     return {name: kind for name, (kind, _) in types.items()}, fallbacks
+
+
+class _ModelDesc(ctypes.Structure):
+    """llama.cpp's `llama_quant_model_desc`: what its type choice reads of a model."""
+
+    _fields_ = [("architecture", ctypes.c_char_p)] + [
+        (name, ctypes.c_uint32)
+        for name in (
+            "n_embd", "n_ff", "n_layer", "n_head", "n_head_kv", "n_expert", "n_embd_head_k", "n_embd_head_v"
+        )
+    ]  # fmt: skip
+
+
+class _GGMLInitParams(ctypes.Structure):
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+@functools.cache
+def _libraries() -> tuple[ctypes.CDLL, ctypes.CDLL, dict[str, Any]]:
+    """libllama and libggml-base as llama-cpp-python ships them, with the signatures used here."""
+    llama_cpp = _llama_cpp()
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    llama = ctypes.CDLL(str(folder / "libllama.so"))
+    ggml = ctypes.CDLL(str(folder / "libggml-base.so"))
+    missing = [name for name in _QUANT_API.values() if not hasattr(llama, name)]
+    if missing:
+        raise ExportError(
+            f"llama-cpp-python {llama_cpp.__version__} lacks llama.cpp's quantization planning ({missing[0]}); "
+            "the lock's version has it: pip install -c constraints.txt llama-cpp-python"
+        )
+    api = {key: getattr(llama, name) for key, name in _QUANT_API.items()}
+    api["model_from_metadata"].restype, api["model_from_metadata"].argtypes = (
+        ctypes.c_void_p,
+        [ctypes.c_void_p],
+    )
+    api["init"].restype, api["init"].argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_void_p]
+    api["compute_types"].restype = None
+    api["compute_types"].argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    ]
+    api["free"].argtypes = [ctypes.c_void_p]
+    llama.llama_model_free.argtypes = [ctypes.c_void_p]
+    ggml.ggml_init.restype, ggml.ggml_init.argtypes = ctypes.c_void_p, [_GGMLInitParams]
+    ggml.ggml_free.argtypes = [ctypes.c_void_p]
+    ggml.ggml_new_tensor.restype = ctypes.c_void_p
+    ggml.ggml_new_tensor.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.POINTER(ctypes.c_int64),
+    ]
+    ggml.ggml_set_name.restype, ggml.ggml_set_name.argtypes = (
+        ctypes.c_void_p,
+        [ctypes.c_void_p, ctypes.c_char_p],
+    )
+    ggml.ggml_quantize_chunk.restype = ctypes.c_size_t
+    ggml.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p
+    ]  # fmt: skip
+    ggml.ggml_row_size.restype, ggml.ggml_row_size.argtypes = ctypes.c_size_t, [ctypes.c_int, ctypes.c_int64]
+    return llama, ggml, api
+
+
+def _weight_order(name: str) -> tuple[int, str]:
+    # The order llama.cpp's loader keeps tensors in (its weight_name_comparer): outside blocks first, then by
+    # block, by name within one. The type choice counts attn_v and ffn_down tensors in this order.
+    match = re.match(r"blk\.(\d+)\.", name)
+    return (int(match.group(1)) if match else -1, name)
+
+
+def kquant_types(
+    tensors: dict[str, tuple[tuple[int, ...], int]], quant: str, arch: str, hparams: dict[str, Any]
+) -> dict[str, int]:
+    """The type llama.cpp's quantizer gives each tensor for the K-quant mix `quant` (q4_k_m, q5_k_m, q6_k).
+
+    `tensors` maps each GGUF tensor name to its shape (numpy order) and the ggml type it would have in a
+    full-precision file (F32 for 1-D tensors, the source precision for matrices: what an intermediate file would
+    hold); `hparams` holds the file's `{arch}.*` keys (block count, heads, widths, experts), which the mix reads.
+    The answer is llama.cpp's own (the more-bits layers of attn_v and ffn_down, the output head's 6 bits, a tied
+    embedding counted as the head, fallbacks for rows that do not fit a block), not a transcription of it.
+    """
+    llama_cpp = _llama_cpp()
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}", None)
+    if ftype is None:
+        raise ExportError(f"this llama-cpp-python has no quantization type {quant}")
+    llama, ggml, api = _libraries()
+
+    def key(name: str, default: int = 0) -> int:
+        value = hparams.get(f"{arch}.{name}", default)
+        return int(max(value) if isinstance(value, list | tuple) else value)
+
+    heads = key("attention.head_count", 1)
+    embd = key("embedding_length")
+    head_dim = key("attention.key_length", embd // max(heads, 1))
+    desc = _ModelDesc(
+        arch.encode(),
+        embd,
+        key("feed_forward_length"),
+        key("block_count"),
+        heads,
+        key("attention.head_count_kv", heads),
+        key("expert_count"),
+        head_dim,
+        key("attention.value_length", head_dim),
+    )
+    names = sorted(tensors, key=_weight_order)
+    params = llama_cpp.llama_model_quantize_default_params()
+    model = api["model_from_metadata"](ctypes.byref(desc))
+    state = api["init"](model, ctypes.byref(params))
+    context = ggml.ggml_init(_GGMLInitParams(len(names) * 1024 + (1 << 16), None, True))  # infos, no data
+    try:
+        handles = []
+        for name in names:
+            shape, current = tensors[name]
+            dims = (ctypes.c_int64 * len(shape))(*reversed(shape))  # ggml counts dimensions from the row
+            handle = ggml.ggml_new_tensor(context, current, len(shape), dims)
+            ggml.ggml_set_name(handle, name.encode())
+            handles.append(handle)
+        result = (ctypes.c_int * len(names))()
+        api["compute_types"](state, ftype, (ctypes.c_void_p * len(names))(*handles), result, len(names))
+        return dict(zip(names, result, strict=True))
+    finally:
+        ggml.ggml_free(context)
+        api["free"](state)
+        llama.llama_model_free(model)
+
+
+def quantize_rows(rows: Any, qtype: int, n_threads: int | None = None) -> Any:
+    """A float32 row block (2-D, rows x row length) as ggml type `qtype`, bytes as llama.cpp's quantizer writes
+    them (its `ggml_quantize_chunk`, no importance matrix); the rows are split over `n_threads` threads (ctypes
+    releases the GIL for the call)."""
+    import numpy as np
+
+    _, ggml, _ = _libraries()
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    count, width = rows.shape
+    row_bytes = ggml.ggml_row_size(qtype, width)
+    out = np.empty(count * row_bytes, dtype=np.uint8)
+    threads = max(1, min(n_threads or default_threads(), count))
+    bounds = [count * i // threads for i in range(threads + 1)]
+
+    def run(first: int, last: int) -> int:
+        if last <= first:
+            return 0
+        return ggml.ggml_quantize_chunk(
+            qtype, rows[first].ctypes.data, out[first * row_bytes :].ctypes.data, 0, last - first, width, None
+        )
+
+    if threads == 1:
+        written = run(0, count)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads) as pool:
+            written = sum(pool.map(run, bounds[:-1], bounds[1:]))
+    if written != out.size:
+        raise ExportError(f"ggml wrote {written} bytes for {count} rows of type {qtype}, expected {out.size}")
+    return out
 
 
 def load_for_verification(path: Path, n_ctx: int = 512, n_threads: int | None = None) -> Any:

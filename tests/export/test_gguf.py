@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import gguf
@@ -45,6 +46,50 @@ def test_decoder_k_quant_through_llama_cpp(decoder_dir, tmp_path):
     _assert_verified(result)
     assert result.fallbacks == {}  # hidden 256 and intermediate 512: every row fits a K block
     assert set(result.tensor_types.values()) >= {"Q4_K", "F32"}
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "q5_k_m", "q6_k"])
+def test_k_quants_in_one_pass_equal_llama_cpps_quantizer(make_model, tmp_path, monkeypatch, quant):
+    """One pass from safetensors gives the bytes llama.cpp's own quantizer makes of a full-precision file.
+
+    Eight blocks, so that the mix's more-bits layers (attn_v and ffn_down of blocks 0, 3, 6, 7) differ from
+    the others, and ffn_down rows of 384, which take llama.cpp's fallback types. No file but the final one
+    (under its temporary name) is on disk while the tensors are written.
+    """
+    import export.llama_cpp as llama_cpp
+
+    folder = make_model("decoder", tmp_path / "d", num_hidden_layers=8, intermediate_size=384)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    full = export_gguf(folder, "f32", reference / "f32.gguf", verify=False).path
+    llama_cpp.quantize_with_llama_cpp(full, reference / f"{quant}.gguf", quant)
+
+    out = tmp_path / "ours"
+    out.mkdir()
+    seen: set[str] = set()
+    quantize_rows = llama_cpp.quantize_rows
+
+    def watched(*args, **kwargs):
+        seen.update(p.name for p in out.iterdir())
+        return quantize_rows(*args, **kwargs)
+
+    monkeypatch.setattr(llama_cpp, "quantize_rows", watched)
+    result = export_gguf(folder, quant, out / f"{quant}.gguf", verify=False)
+    assert seen == {f".{quant}.gguf.{os.getpid()}.partial"}  # no intermediate file
+
+    ours = {t.name: (t.tensor_type.name, bytes(t.data)) for t in gguf.GGUFReader(result.path).tensors}
+    theirs = {
+        t.name: (t.tensor_type.name, bytes(t.data))
+        for t in gguf.GGUFReader(reference / f"{quant}.gguf").tensors
+    }
+    assert ours.keys() == theirs.keys()
+    assert [name for name in ours if ours[name] != theirs[name]] == []
+    if quant == "q4_k_m":
+        assert ours["blk.0.attn_v.weight"][0] == ours["blk.3.attn_v.weight"][0] == "Q6_K"
+        assert ours["blk.1.attn_v.weight"][0] == "Q4_K"
+        assert "output.weight" not in ours and ours["token_embd.weight"][0] == "Q6_K"  # tied: the head's 6 bits
+        assert ours["blk.1.ffn_down.weight"][0] == "Q5_0"  # 384-wide rows: llama.cpp's fallback
+    assert gguf.GGUFReader(result.path).fields["general.file_type"].contents() == int(QUANTS[quant].file_type)
 
 
 # Llama 3.1's RoPE scaling with a short original context, so that most frequencies are scaled.
