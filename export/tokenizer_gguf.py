@@ -36,7 +36,9 @@ KNOWN_PRE_TOKENIZERS: dict[tuple[tuple[Any, ...], ...], str] = {
 }
 
 # gguf-py's TokenType values, named here so the table below reads without the enum.
-NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # SentencePiece's visible space, "▁"
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 # HF's `{% generation %}` marks assistant tokens for training masks; jinja outside transformers cannot parse
 # it. Replacing it by an always-true `if` with the same whitespace-control dashes renders identically.
@@ -104,11 +106,88 @@ class GGUFVocab:
     add_bos: bool = False
     add_eos: bool = False
     chat_template: str | None = None
-    model: str = "gpt2"  # llama.cpp's name for byte-level BPE
+    model: str = "gpt2"  # llama.cpp's name for byte-level BPE; "llama" for SentencePiece-style BPE
+    scores: list[float] | None = None  # SentencePiece-style: what llama.cpp merges by, highest first
+    add_space_prefix: bool | None = None  # SentencePiece-style: "▁" in front of the text (and after specials)
+
+
+def is_sentencepiece_style(tokenizer_json: dict[str, Any]) -> bool:
+    """A BPE over "▁"-joined text with byte fallback: the tokenizer.json of a SentencePiece model (Llama 2,
+    Mistral, Gemma, Phi-3) as transformers converts it, and what llama.cpp runs as its "llama" vocabulary."""
+    model = tokenizer_json.get("model", {})
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+def sentencepiece_space_prefix(tokenizer_json: dict[str, Any], where: Path) -> bool:
+    """Whether a SentencePiece-style tokenizer puts "▁" in front of each text (llama.cpp's add_space_prefix);
+    refused, naming what was found, when its spaces are not plainly "▁" or its prefix is not one llama.cpp
+    applies (it prefixes the text and every run of text after a special token)."""
+    steps = _normalizer_steps(tokenizer_json.get("normalizer"))
+    normalizer = [str(step.get("type")) for step in steps]
+    pre = _steps(tokenizer_json.get("pre_tokenizer"))
+    replaces_space = any(
+        s.get("type") == "Replace" and s.get("pattern", {}).get("String") == " " and s.get("content") == SPACE
+        for s in steps
+    )
+    prepends = any(s.get("type") == "Prepend" and s.get("prepend") == SPACE for s in steps)
+    if not pre and replaces_space and set(normalizer) <= {"Prepend", "Replace"} and len(steps) <= 2:
+        return prepends
+    metaspace = [s for s in pre if s.get("type") == "Metaspace"]
+    if not steps and len(pre) == 1 and metaspace and metaspace[0].get("replacement") == SPACE:
+        scheme = metaspace[0].get("prepend_scheme", "always")
+        if not metaspace[0].get("split", True) and scheme in ("always", "never"):
+            return scheme == "always"
+    described = [
+        f"Metaspace({s.get('prepend_scheme')}, split={s.get('split')})"
+        if s.get("type") == "Metaspace"
+        else str(s.get("type"))
+        for s in pre
+    ]
+    found = f"normalizer {' + '.join(normalizer) or 'none'}, pre-tokenizer {' + '.join(described) or 'none'}"
+    if len(metaspace) == 1 and metaspace[0].get("prepend_scheme") == "first":
+        raise ExportError(
+            f"tokenizer {where}: pre_tokenizer.prepend_scheme = 'first' (\"▁\" before the text's first piece only) "
+            'has no llama.cpp equivalent: its "llama" vocabulary also prefixes the text after every special '
+            "token, so chat prompts would tokenize differently; 'always' (the legacy Llama 2 behaviour) and "
+            "'never' are supported"
+        )
+    raise ExportError(
+        f'tokenizer {where}: a SentencePiece-style BPE whose spacing llama.cpp\'s "llama" vocabulary cannot '
+        f'reproduce: found {found}; it supports spaces replaced by "▁" with a "▁" prefixed to every run of '
+        "text (normalizer Prepend + Replace, or Metaspace with prepend_scheme always) or to none"
+    )
+
+
+def _normalizer_steps(normalizer: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if normalizer is None:
+        return []
+    if normalizer.get("type") == "Sequence":
+        return [step for inner in normalizer["normalizers"] for step in _normalizer_steps(inner)]
+    return [normalizer]
+
+
+def merge_scores(vocab: dict[str, int], merges: list[str]) -> list[float]:
+    """Per token id, the score llama.cpp's "llama" vocabulary merges by: minus the rank of the first BPE merge
+    that makes the token, so that the highest-scoring adjacent pair is the merge the BPE applies first; 0 for
+    tokens no merge makes (characters, bytes, specials), which are never merge results.
+
+    gguf-py's `LlamaHfVocab` (what llama.cpp's converter uses without a tokenizer.model) gives every token
+    -1000, which leaves llama.cpp to merge left to right and so tokenize differently from the model's BPE.
+    """
+    scores = [0.0] * (max(vocab.values()) + 1)
+    seen: set[str] = set()
+    for rank, merge in enumerate(merges):
+        token = merge.replace(" ", "", 1)
+        if token in vocab and token not in seen:
+            seen.add(token)
+            scores[vocab[token]] = -float(rank + 1)
+    return scores
 
 
 def _check_model(tokenizer_json: dict[str, Any], where: Path) -> None:
     model = tokenizer_json.get("model", {})
+    if is_sentencepiece_style(tokenizer_json):
+        return
     if (
         model.get("type") != "BPE"
         or model.get("byte_fallback")
@@ -117,7 +196,8 @@ def _check_model(tokenizer_json: dict[str, Any], where: Path) -> None:
         raise ExportError(
             f"tokenizer {where}: model {model.get('type')} "
             f"(byte_fallback={model.get('byte_fallback')}) is not byte-level BPE; GGUF export supports "
-            "byte-level BPE tokenizers (the gpt-2 / llama-bpe / qwen2 families), not SentencePiece-style ones"
+            "byte-level BPE tokenizers (the gpt-2 / llama-bpe / qwen2 families) and SentencePiece-style BPE "
+            "with byte fallback (Llama 2, Mistral, Gemma, Phi-3)"
         )
     normalizer = tokenizer_json.get("normalizer")
     # llama.cpp applies no normalizer; NFC leaves already-composed text (nearly all text) unchanged.
@@ -161,7 +241,9 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
     text = path.read_text(encoding="utf-8")
     tokenizer_json = json.loads(text)
     _check_model(tokenizer_json, path)
-    pre = detect_pre_tokenizer(tokenizer_json)
+    sentencepiece = is_sentencepiece_style(tokenizer_json)
+    space_prefix = sentencepiece_space_prefix(tokenizer_json, path) if sentencepiece else None
+    pre = "default" if sentencepiece else detect_pre_tokenizer(tokenizer_json)
     settings = tokenizer_settings(folder)
 
     id_to_token = {i: t for t, i in tokenizer_json["model"]["vocab"].items()}
@@ -169,6 +251,10 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
     for added in tokenizer_json.get("added_tokens", []):
         id_to_token[added["id"]] = added["content"]
         types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
+    if sentencepiece:  # as llama.cpp's own converter types them (the <unk> of an SPM vocabulary is not CONTROL)
+        types.update({i: BYTE for i, t in id_to_token.items() if BYTE_TOKEN.fullmatch(t)})
+        unk = tokenizer_json["model"].get("unk_token")
+        types.update({i: UNKNOWN for i, t in id_to_token.items() if t == unk})
     size = max(id_to_token) + 1
     if size > n_vocab:
         raise ExportError(
@@ -179,6 +265,11 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
     tokens = [id_to_token.get(i, f"[PAD{i}]") for i in range(n_vocab)]
     token_types = [types.get(i, UNUSED) for i in range(n_vocab)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"].get("merges", [])]
+    scores = None
+    if sentencepiece:
+        scores = merge_scores({t: i for i, t in id_to_token.items()}, merges)
+        scores += [0.0] * (n_vocab - len(scores))
+        merges = []  # llama.cpp's "llama" vocabulary merges by score
 
     token_to_id = {t: i for i, t in id_to_token.items()}
     special_ids = {
@@ -202,6 +293,9 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
         add_bos=add_bos,
         add_eos=add_eos,
         chat_template=portable_chat_template(template) if isinstance(template, str) else None,
+        model="llama" if sentencepiece else "gpt2",
+        scores=scores,
+        add_space_prefix=space_prefix,
     )
 
 
@@ -211,7 +305,12 @@ def add_vocab(writer: Any, vocab: GGUFVocab) -> None:
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    if vocab.merges:
+        writer.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     for name, token_id in vocab.special_ids.items():
         getattr(writer, f"add_{name}_token_id")(token_id)
     writer.add_add_bos_token(vocab.add_bos)

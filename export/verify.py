@@ -107,7 +107,8 @@ def check_file(path: Path, plan: GGUFPlan, jobs: list[Any], vocab: GGUFVocab) ->
             problems.append(f"tensor {job.target} has shape {found[job.target]}, expected {job.shape}")
     keys = [h.key.format(arch=plan.arch) for h in plan.hparams if not h.optional]
     keys += ["general.architecture", "general.name", "general.file_type", "tokenizer.ggml.pre"]
-    keys += ["tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"]
+    keys += ["tokenizer.ggml.tokens", "tokenizer.ggml.token_type"]
+    keys += ["tokenizer.ggml.scores"] if vocab.scores is not None else ["tokenizer.ggml.merges"]
     keys += ["tokenizer.chat_template"] if vocab.chat_template else []
     problems += [f"key {key} missing" for key in keys if key not in reader.fields]
     return problems

@@ -83,6 +83,69 @@ def train_tokenizer(style: str, out_dir: Path, vocab_size: int = 512) -> PreTrai
     return fast
 
 
+SPM_SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def train_sentencepiece_tokenizer(out_dir: Path, space_prefix: bool = True, vocab_size: int = 640):
+    """A SentencePiece-style tokenizer.json as transformers converts Llama 2 / Mistral (`space_prefix`: "▁" in
+    front of the text) or Gemma (none) models: BPE over "▁"-joined text with byte fallback, <unk> <s> </s>
+    first, then the 256 byte tokens <0x00>..<0xFF>, then the learnt pieces; BOS added in front."""
+    import json
+
+    from tokenizers import normalizers
+
+    space = "\u2581"
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    steps = [normalizers.Prepend(space)] if space_prefix else []
+    tok.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", space)])
+    # Pieces start at a "▁" (SentencePiece's whitespace split) while learning; the saved tokenizer runs without
+    # a pre-tokenizer, as converted SentencePiece models do.
+    tok.pre_tokenizer = pre_tokenizers.Split(space, behavior="merged_with_next")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=SPM_SPECIALS)
+    tok.train_from_iterator(corpus(), trainer)
+    data = json.loads(tok.to_str())
+    learnt = sorted(data["model"]["vocab"].items(), key=lambda item: item[1])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    order = (
+        SPM_SPECIALS + byte_tokens + [t for t, _ in learnt if t not in SPM_SPECIALS and t not in byte_tokens]
+    )
+    data["model"]["vocab"] = {token: i for i, token in enumerate(order)}
+    for added in data["added_tokens"]:
+        added["id"] = data["model"]["vocab"][added["content"]]
+    data["pre_tokenizer"] = None
+    data["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": space}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            *([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if space_prefix else []),
+        ],
+    }
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def tokenizer_of_style(style: str, out_dir: Path) -> PreTrainedTokenizerFast:
+    """A tokenizer of `style`: byte-level BPE (qwen2, llama-bpe, gpt-2) or SentencePiece-style (spm, spm-no-prefix)."""
+    if style.startswith("spm"):
+        return train_sentencepiece_tokenizer(out_dir, space_prefix=style == "spm")
+    return train_tokenizer(style, out_dir)
+
+
 def train_briefly(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, steps: int = 150) -> None:
     """A few AdamW steps on the corpus: peaked, structured logits like a trained model's, in seconds."""
     ids = torch.tensor(tokenizer("\n".join(corpus()))["input_ids"])
@@ -103,6 +166,9 @@ def save_model(
     kind: str, out_dir: Path, style: str = "qwen2", seed: int = 0, train: bool = False, **overrides
 ) -> Path:
     """A tiny `kind` model (decoder, llama, qwen2, qwen3, olmo2, phi3, mistral, smollm3) with a `style` tokenizer, saved to `out_dir`.
+
+    Styles: the byte-level BPE ones (qwen2, llama-bpe, gpt-2), or "spm" / "spm-no-prefix" for a
+    SentencePiece-style one (Llama 2 / Mistral / Phi-3 with a "▁" prefix, Gemma without).
 
     Untrained models have flat logits (fine for f32 parity); `train` makes them peaked for quant bounds.
     """
@@ -127,9 +193,9 @@ def save_model(
 
     from toolkit.models import DecoderForCausalLM, build_config
 
-    tokenizer = train_tokenizer(style, out_dir)
+    tokenizer = tokenizer_of_style(style, out_dir)
     shape = dict(
-        vocab_size=512,
+        vocab_size=max(512, len(tokenizer)),
         hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=2,
@@ -175,7 +241,7 @@ def save_preset_model(
 
     from tests.export.vllm_helpers import preset_config
 
-    tokenizer = train_tokenizer(style, out_dir)
+    tokenizer = tokenizer_of_style(style, out_dir)
     torch.manual_seed(0)
     config = preset_config(preset, tokenizer, 2, **overrides)
     return finish_model(AutoModelForCausalLM.from_config(config), tokenizer, out_dir, train)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import gguf
@@ -87,7 +88,9 @@ def test_k_quants_in_one_pass_equal_llama_cpps_quantizer(make_model, tmp_path, m
     if quant == "q4_k_m":
         assert ours["blk.0.attn_v.weight"][0] == ours["blk.3.attn_v.weight"][0] == "Q6_K"
         assert ours["blk.1.attn_v.weight"][0] == "Q4_K"
-        assert "output.weight" not in ours and ours["token_embd.weight"][0] == "Q6_K"  # tied: the head's 6 bits
+        assert (
+            "output.weight" not in ours and ours["token_embd.weight"][0] == "Q6_K"
+        )  # tied: the head's 6 bits
         assert ours["blk.1.ffn_down.weight"][0] == "Q5_0"  # 384-wide rows: llama.cpp's fallback
     assert gguf.GGUFReader(result.path).fields["general.file_type"].contents() == int(QUANTS[quant].file_type)
 
@@ -126,6 +129,12 @@ GEMMA3 = {"num_hidden_layers": 7, "sliding_window": 6, "head_dim": 64, "query_pr
         ("mistral", "gpt-2", {"sliding_window": 128}),
         ("smollm3", "llama-bpe", {"num_hidden_layers": 4}),  # layer 3 without RoPE (NoPE)
         ("gemma3", "gpt-2", GEMMA3),  # norms as 1 + w, scaled embeddings, a 6-token window, layer 5 global
+        # SentencePiece-style tokenizers, as those families ship them: "▁" prefixed (Llama 2, Mistral, Phi-3)
+        # or not (Gemma), byte fallback.
+        ("llama", "spm", {}),
+        ("mistral", "spm", {}),
+        ("phi3", "spm", {}),
+        ("gemma3", "spm-no-prefix", GEMMA3),
     ],
 )
 def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra):
@@ -137,7 +146,14 @@ def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra)
     arch = reader.fields["general.architecture"].contents()
     native = {"qwen2", "qwen3", "olmo2", "phi3", "smollm3", "gemma3"}  # llama.cpp graphs named as the family
     assert arch == (kind if kind in native else "llama")
-    assert reader.fields["tokenizer.ggml.pre"].contents() == style
+    if style.startswith("spm"):  # llama.cpp's "llama" vocabulary: merges by score, byte tokens typed BYTE
+        assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+        assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() == (style == "spm")
+        tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+        types = reader.fields["tokenizer.ggml.token_type"].contents()
+        assert types[tokens.index("<0x41>")] == gguf.TokenType.BYTE and types[0] == gguf.TokenType.UNKNOWN
+    else:
+        assert reader.fields["tokenizer.ggml.pre"].contents() == style
     if (
         kind == "llama" and "rope_parameters" in extra
     ):  # the factors are transformers' own: default frequencies over scaled ones
@@ -155,6 +171,42 @@ def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra)
         assert reader.fields[f"{arch}.context_length"].contents() == 128
     q8 = export_gguf(folder, "q8_0", tmp_path / f"{kind}-q8_0.gguf")
     _assert_verified(q8)
+
+
+def test_sentencepiece_scores_follow_the_merge_order():
+    """llama.cpp's "llama" vocabulary merges the adjacent pair whose result scores highest: minus the rank of
+    the BPE merge that first makes it keeps the BPE's order (flat scores, as gguf-py's LlamaHfVocab writes,
+    tokenized the test texts differently: measured by the SentencePiece cases above)."""
+    from export.tokenizer_gguf import merge_scores
+
+    vocab = {"<unk>": 0, "a": 1, "b": 2, "c": 3, "ab": 4, "bc": 5, "abc": 6}
+    scores = merge_scores(vocab, ["b c", "a b", "ab c", "a bc"])
+    assert scores == [0.0, 0.0, 0.0, 0.0, -2.0, -1.0, -3.0]  # "abc" keeps its first merge's rank
+
+
+@pytest.mark.parametrize(
+    ("pre_tokenizer", "normalizer", "message"),
+    [
+        (
+            {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False},
+            None,
+            "pre_tokenizer.prepend_scheme = 'first'",
+        ),
+        (None, {"type": "Lowercase"}, "found normalizer Lowercase, pre-tokenizer none"),
+    ],
+)
+def test_a_sentencepiece_spacing_llama_cpp_lacks_is_refused(tmp_path, pre_tokenizer, normalizer, message):
+    from export.tokenizer_gguf import read_vocab
+
+    tokenizer = {
+        "model": {"type": "BPE", "byte_fallback": True, "vocab": {"<unk>": 0, "a": 1}, "merges": []},
+        "pre_tokenizer": pre_tokenizer,
+        "normalizer": normalizer,
+        "added_tokens": [],
+    }
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ExportError, match=re.escape(message)):
+        read_vocab(tmp_path, 2)
 
 
 def test_run_folder_resolves_to_its_last_model_stage_in_recipe_order(decoder_dir, tmp_path):
