@@ -203,9 +203,13 @@ def mark_ternary(jobs: list[TensorJob], checkpoint: Checkpoint, spec: QuantSpec)
     it keeps in full precision) are written float16; a model with no BitNet layer is refused unless its
     matrices are ternary already, naming the first that is not: TQ types would turn it into garbage. Returns
     the targets written ternary."""
-    from toolkit.quantization.bitnet import bitnet_layers
+    config = json.loads((checkpoint.folder / "config.json").read_text())
+    layers: set[str] = set()
+    if (config.get("quantization_config") or {}).get("quant_method") == "bitnet":
+        # Only then: finding the layers builds the model (torch, transformers), seconds an export need not pay.
+        from toolkit.quantization.bitnet import bitnet_layers
 
-    layers = bitnet_layers(checkpoint.folder)
+        layers = bitnet_layers(checkpoint.folder)
     ternary = []
     for job in jobs:
         if job.source.endswith(".weight") and job.source.removesuffix(".weight") in layers:

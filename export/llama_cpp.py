@@ -249,7 +249,8 @@ def kquant_types(
 def quantize_rows(rows: Any, qtype: int, n_threads: int | None = None) -> Any:
     """A float32 row block (2-D, rows x row length) as ggml type `qtype`, bytes as llama.cpp's quantizer writes
     them (its `ggml_quantize_chunk`, no importance matrix); the rows are split over `n_threads` threads (ctypes
-    releases the GIL for the call)."""
+    releases the GIL for the call), every core by default, as llama.cpp's quantizer does: unlike decoding,
+    quantizing rows needs no synchronisation between threads."""
     import numpy as np
 
     _, ggml, _ = _libraries()
@@ -257,7 +258,7 @@ def quantize_rows(rows: Any, qtype: int, n_threads: int | None = None) -> Any:
     count, width = rows.shape
     row_bytes = ggml.ggml_row_size(qtype, width)
     out = np.empty(count * row_bytes, dtype=np.uint8)
-    threads = max(1, min(n_threads or default_threads(), count))
+    threads = max(1, min(n_threads or os.cpu_count() or 1, count))
     bounds = [count * i // threads for i in range(threads + 1)]
 
     def run(first: int, last: int) -> int:

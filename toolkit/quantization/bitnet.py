@@ -147,11 +147,6 @@ def bitnet_layers(folder: str | Path) -> set[str]:
     quantizer finds them. Empty for a model without BitNet quantization."""
     import json
 
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    from toolkit.models import register_auto_classes
-
     raw = json.loads((Path(folder) / "config.json").read_text())
     quantization = raw.get("quantization_config") or {}
     if quantization.get("quant_method") != "bitnet":
@@ -161,6 +156,11 @@ def bitnet_layers(folder: str | Path) -> set[str]:
             "quantization_config: a BitNet checkpoint in offline mode stores packed weights; only the online "
             "(trainable) form, which stores the latent weights, is read here"
         )
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from toolkit.models import register_auto_classes
+
     register_auto_classes()
     config = AutoConfig.from_pretrained(folder)
     config.quantization_config = None
