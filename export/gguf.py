@@ -473,9 +473,12 @@ def check_config(plan: GGUFPlan, config: Config) -> None:
     for check in plan.checks:
         value = check.value(config)
         if value not in check.allowed:
+            # A check that names what is wrong (allowed: None only) needs no list of supported values.
+            supported = (
+                "" if check.allowed == (None,) else f" (supported: {', '.join(map(repr, check.allowed))})"
+            )
             raise ExportError(
-                f"{check.component} = {value!r} cannot be represented in llama.cpp's `{plan.arch}` graph "
-                f"(supported: {', '.join(repr(a) for a in check.allowed)})"
+                f"{check.component} = {value!r} cannot be represented in llama.cpp's `{plan.arch}` graph{supported}"
             )
     for hparam in plan.hparams:
         if not hparam.optional and hparam.value(config) is None:

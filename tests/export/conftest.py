@@ -177,6 +177,8 @@ def save_model(
         Gemma3TextConfig,
         LlamaConfig,
         LlamaForCausalLM,
+        Ministral3Config,
+        Ministral3ForCausalLM,
         MistralConfig,
         MistralForCausalLM,
         Olmo2Config,
@@ -220,6 +222,7 @@ def save_model(
             "mistral": (MistralConfig, MistralForCausalLM),
             "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
             "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+            "ministral3": (Ministral3Config, Ministral3ForCausalLM),
         }[kind]
         model = model_class(config_class(**shape))
         if kind in ("qwen3", "olmo2", "phi3", "gemma3"):

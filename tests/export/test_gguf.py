@@ -106,6 +106,24 @@ LLAMA3_ROPE = {
 }
 
 
+# YaRN with a short original context, so that the ramp between scaled and unscaled frequencies falls inside
+# the rotary dimensions; without mscale, the cos/sin scale is get_mscale(4) = 1.139.
+YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+# Ministral 3: YaRN with mscale = mscale_all_dim (an attention scale of 1), and Llama 4's query scaling, whose
+# log(1 + floor(position / 8)) grows over the verification prompts.
+MINISTRAL3_ROPE = {
+    **YARN,
+    "original_max_position_embeddings": 8,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "llama_4_scaling_beta": 0.1,
+}
+
 # Gemma 3 text: seven layers (the sixth global), a window shorter than the verification prompts, the head width
 # llama.cpp's attention scale assumes.
 GEMMA3 = {"num_hidden_layers": 7, "sliding_window": 6, "head_dim": 64, "query_pre_attn_scalar": 64}
@@ -135,6 +153,9 @@ GEMMA3 = {"num_hidden_layers": 7, "sliding_window": 6, "head_dim": 64, "query_pr
         ("mistral", "spm", {}),
         ("phi3", "spm", {}),
         ("gemma3", "spm-no-prefix", GEMMA3),
+        ("llama", "llama-bpe", {"rope_parameters": YARN}),  # YaRN, as Qwen2.5 / Qwen3 long-context configs
+        ("qwen3", "qwen2", {"rope_parameters": YARN}),
+        ("ministral3", "spm", {"rope_parameters": MINISTRAL3_ROPE, "head_dim": 64}),
     ],
 )
 def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra):
@@ -145,7 +166,10 @@ def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra)
     reader = gguf.GGUFReader(result.path)
     arch = reader.fields["general.architecture"].contents()
     native = {"qwen2", "qwen3", "olmo2", "phi3", "smollm3", "gemma3"}  # llama.cpp graphs named as the family
-    assert arch == (kind if kind in native else "llama")
+    assert arch == (kind if kind in native else "mistral3" if kind == "ministral3" else "llama")
+    if extra.get("rope_parameters", {}).get("rope_type") == "yarn":
+        assert reader.fields[f"{arch}.rope.scaling.type"].contents() == "yarn"
+        assert reader.fields[f"{arch}.rope.scaling.factor"].contents() == 4.0
     if style.startswith("spm"):  # llama.cpp's "llama" vocabulary: merges by score, byte tokens typed BYTE
         assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
         assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() == (style == "spm")
@@ -155,7 +179,7 @@ def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra)
     else:
         assert reader.fields["tokenizer.ggml.pre"].contents() == style
     if (
-        kind == "llama" and "rope_parameters" in extra
+        kind == "llama" and extra.get("rope_parameters", {}).get("rope_type") == "llama3"
     ):  # the factors are transformers' own: default frequencies over scaled ones
         from transformers import AutoConfig, LlamaForCausalLM
 
@@ -257,9 +281,15 @@ def test_unsupported_config_and_architecture_are_refused(decoder_dir, tmp_path):
     folder = tmp_path / "scaled"
     shutil.copytree(decoder_dir, folder)
     config = json.loads((folder / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}
+    config["rope_parameters"] = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match=r"RoPE scaling .* 'yarn'"):
+    with pytest.raises(ExportError, match=r"RoPE scaling .* 'dynamic'"):
+        export_gguf(folder, "f16", tmp_path / "a.gguf")
+    # YaRN is run, with what llama.cpp's loaders fix: another beta_fast is refused by name.
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "beta_fast": 16}
+    config["rope_parameters"]["original_max_position_embeddings"] = 32
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=r"YaRN RoPE scaling .* 'beta_fast 16 \(llama.cpp: 32\)'"):
         export_gguf(folder, "f16", tmp_path / "a.gguf")
     config["model_type"] = "gpt_neox"
     (folder / "config.json").write_text(json.dumps(config))

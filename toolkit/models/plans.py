@@ -12,6 +12,7 @@ This module also holds the plans of the native transformers architectures a user
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +93,77 @@ def llama3_rope_factors(config: Config) -> np.ndarray | None:
     medium = (wavelength >= context / high) & (wavelength <= context / low)
     scaled = np.where(medium, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
     return (inv_freq / scaled).astype(np.float32)
+
+
+def _yarn(config: Config) -> bool:
+    return rope_type(config) == "yarn"
+
+
+def yarn_factor(config: Config) -> float | None:
+    """YaRN's context factor (transformers derives it from the two context lengths when the config has none)."""
+    if not _yarn(config):
+        return None
+    factor = rope_scaling_value(config, "factor")
+    if factor is None:
+        factor = config["max_position_embeddings"] / rope_scaling_value(
+            config, "original_max_position_embeddings"
+        )
+    return float(factor)
+
+
+def yarn_original_context(config: Config) -> int | None:
+    return int(rope_scaling_value(config, "original_max_position_embeddings")) if _yarn(config) else None
+
+
+def _yarn_mscale_ratio(config: Config) -> bool:
+    # transformers scales cos/sin by get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim) when both
+    # are set, by get_mscale(factor) otherwise; llama.cpp does the first when the file has a log multiplier.
+    return bool(rope_scaling_value(config, "mscale") and rope_scaling_value(config, "mscale_all_dim"))
+
+
+def yarn_log_multiplier(config: Config) -> float | None:
+    if not (_yarn(config) and _yarn_mscale_ratio(config)):
+        return None
+    return float(rope_scaling_value(config, "mscale_all_dim"))
+
+
+def _get_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_attn_factor(config: Config) -> float | None:
+    """An explicit `attention_factor`, relative to the one llama.cpp computes itself (its attn_factor key
+    multiplies that one)."""
+    explicit = rope_scaling_value(config, "attention_factor")
+    if not _yarn(config) or explicit is None:
+        return None
+    factor = yarn_factor(config)
+    if _yarn_mscale_ratio(config):
+        computed = _get_mscale(factor) / _get_mscale(
+            factor, float(rope_scaling_value(config, "mscale_all_dim"))
+        )
+    else:
+        computed = _get_mscale(factor)
+    return float(explicit) / computed
+
+
+def yarn_unsupported(config: Config) -> str | None:
+    """What of a YaRN config llama.cpp's generic loaders fix otherwise (None when nothing): they keep
+    beta_fast 32 and beta_slow 1, always truncate the correction range, and take mscale as 1."""
+    if not _yarn(config):
+        return None
+    problems = []
+    for key, fixed in (("beta_fast", 32), ("beta_slow", 1)):
+        value = rope_scaling_value(config, key)
+        if value is not None and float(value) != fixed:
+            problems.append(f"{key} {value} (llama.cpp: {fixed})")
+    if config_value(config, "rope_parameters.truncate") is False:
+        problems.append("truncate false")
+    if _yarn_mscale_ratio(config) and float(rope_scaling_value(config, "mscale")) != 1.0:
+        problems.append(f"mscale {rope_scaling_value(config, 'mscale')} with mscale_all_dim (llama.cpp: 1)")
+    if rope_scaling_value(config, "original_max_position_embeddings") is None:
+        problems.append("no original_max_position_embeddings")
+    return ", ".join(problems) or None
 
 
 def _context_length(config: Config) -> int:
@@ -272,16 +344,36 @@ LLAMA_HPARAMS: tuple[HParam, ...] = ROPE_HPARAMS + (
     HParam("{arch}.attention.layer_norm_rms_epsilon", "rms_norm_eps", "float32"),
 )
 
+# YaRN (Qwen2.5/Qwen3 long context, Ministral 3) as llama.cpp's loaders read it for every graph; written only
+# for a YaRN config.
+YARN_HPARAMS: tuple[HParam, ...] = (
+    HParam("{arch}.rope.scaling.type", lambda c: "yarn" if _yarn(c) else None, "string", optional=True),
+    HParam("{arch}.rope.scaling.factor", yarn_factor, "float32", optional=True),
+    HParam("{arch}.rope.scaling.original_context_length", yarn_original_context, optional=True),
+    HParam("{arch}.rope.scaling.attn_factor", yarn_attn_factor, "float32", optional=True),
+)
+YARN_CHECK = ConfigCheck(
+    yarn_unsupported, (None,), "YaRN RoPE scaling (rope_parameters: beta_fast, beta_slow, truncate, mscale)"
+)
+
 LLAMA_CHECKS: tuple[ConfigCheck, ...] = (
-    ConfigCheck(rope_type, ("default", "llama3"), "RoPE scaling (rope_parameters.rope_type)"),
+    ConfigCheck(rope_type, ("default", "llama3", "yarn"), "RoPE scaling (rope_parameters.rope_type)"),
     ConfigCheck("hidden_act", ("silu",), "activation (hidden_act)"),
     ConfigCheck("mlp_bias", (None, False), "MLP biases (mlp_bias)"),
 )
+
+LLAMA_CHECKS += (YARN_CHECK,)
 
 # Graphs that read no RoPE factors: unscaled RoPE only.
 DEFAULT_ROPE_CHECKS: tuple[ConfigCheck, ...] = (
     ConfigCheck(rope_type, ("default",), "RoPE scaling (rope_parameters.rope_type)"),
     LLAMA_CHECKS[1],
+)
+# Unscaled RoPE or YaRN.
+YARN_ROPE_CHECKS: tuple[ConfigCheck, ...] = (
+    ConfigCheck(rope_type, ("default", "yarn"), "RoPE scaling (rope_parameters.rope_type)"),
+    LLAMA_CHECKS[1],
+    YARN_CHECK,
 )
 
 _BLOCK = "model.layers.{bid}"
@@ -322,7 +414,7 @@ ROPE_FREQS = TensorRule("<rope factors>", "rope_freqs.weight", generated=llama3_
 # (LlamaConfig.attention_bias) optional, the output projection's included.
 LLAMA_GGUF = GGUFPlan(
     arch="llama",
-    hparams=LLAMA_HPARAMS,
+    hparams=LLAMA_HPARAMS + YARN_HPARAMS,
     tensors=_EDGE_RULES
     + _block_rules(permute_q, permute_k, qkv_bias_optional=True)
     + (
@@ -336,9 +428,9 @@ LLAMA_GGUF = GGUFPlan(
 # llama.cpp's `qwen2` graph: NEOX RoPE (HF's own layout, no permutation) and q/k/v biases always present.
 QWEN2_GGUF = GGUFPlan(
     arch="qwen2",
-    hparams=LLAMA_HPARAMS,
+    hparams=LLAMA_HPARAMS + YARN_HPARAMS,
     tensors=_EDGE_RULES + _block_rules(None, None, qkv_bias_optional=False),
-    checks=DEFAULT_ROPE_CHECKS
+    checks=YARN_ROPE_CHECKS
     + (ConfigCheck("use_sliding_window", (None, False), "sliding-window attention (use_sliding_window)"),),
     ignored=_IGNORED,
 )
@@ -347,14 +439,14 @@ QWEN2_GGUF = GGUFPlan(
 # and key (QK-norm, `q_norm`/`k_norm`) before RoPE; the head width is the config's own `head_dim`.
 QWEN3_GGUF = GGUFPlan(
     arch="qwen3",
-    hparams=LLAMA_HPARAMS,
+    hparams=LLAMA_HPARAMS + YARN_HPARAMS,
     tensors=_EDGE_RULES
     + _block_rules(None, None, qkv_bias_optional=True)
     + (
         TensorRule(f"{_BLOCK}.self_attn.q_norm.weight", "blk.{bid}.attn_q_norm.weight"),
         TensorRule(f"{_BLOCK}.self_attn.k_norm.weight", "blk.{bid}.attn_k_norm.weight"),
     ),
-    checks=DEFAULT_ROPE_CHECKS
+    checks=YARN_ROPE_CHECKS
     + (
         ConfigCheck("attention_bias", (None, False), "attention biases (attention_bias)"),
         ConfigCheck("use_sliding_window", (None, False), "sliding-window attention (use_sliding_window)"),
@@ -532,6 +624,27 @@ GEMMA3_GGUF = GGUFPlan(
     ignored=_IGNORED,
 )
 
+# llama.cpp's `mistral3` graph (Ministral 3): Llama's block with YaRN RoPE, its attention scale written as a
+# log multiplier (mscale_all_dim), and Llama 4's position-dependent query scaling, 1 + beta * log(1 +
+# floor(position / original context)), from `llama_4_scaling_beta`.
+MINISTRAL3_GGUF = GGUFPlan(
+    arch="mistral3",
+    hparams=LLAMA_HPARAMS
+    + YARN_HPARAMS
+    + (
+        HParam("{arch}.rope.scaling.yarn_log_multiplier", yarn_log_multiplier, "float32", optional=True),
+        HParam(
+            "{arch}.attention.temperature_scale",
+            lambda c: rope_scaling_value(c, "llama_4_scaling_beta"),
+            "float32",
+            optional=True,
+        ),
+    ),
+    tensors=_EDGE_RULES + _block_rules(permute_q, permute_k, qkv_bias_optional=True),
+    checks=YARN_ROPE_CHECKS,
+    ignored=_IGNORED,
+)
+
 # Native transformers folders are already what vLLM serves: the export copies and normalises them.
 register_plan(ExportPlan("llama", gguf=LLAMA_GGUF, vllm=VLLMPlan("LlamaForCausalLM", "llama")))
 register_plan(
@@ -540,6 +653,16 @@ register_plan(
         gguf=LLAMA_GGUF,
         vllm=VLLMPlan("MistralForCausalLM", "mistral"),
         notes=("a sliding window shorter than max_position_embeddings becomes the GGUF context length",),
+    )
+)
+register_plan(
+    ExportPlan(
+        "ministral3",
+        gguf=MINISTRAL3_GGUF,
+        vllm=VLLMPlan(
+            blocker="vLLM maps Ministral3ForCausalLM to its Mistral implementation; that route is not verified here "
+            "yet, so the export does not offer it"
+        ),
     )
 )
 register_plan(ExportPlan("qwen2", gguf=QWEN2_GGUF, vllm=VLLMPlan("Qwen2ForCausalLM", "qwen2")))
