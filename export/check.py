@@ -238,13 +238,17 @@ def _vllm_transformers(model_type: str) -> TargetVerdict:
 
 def _remote_code(model_type: str) -> TargetVerdict:
     if not _ours(model_type):  # a transformers architecture: a Hub folder loads without any code
-        try:
-            if model_type in ARCHITECTURES:
-                class_name = ARCHITECTURES[model_type].causal_lm_class.__name__
-            else:
-                class_name = choose_route(model_type, "native").model_class.__name__
-        except (ExportError, KeyError) as error:
-            return _blocked("remote-code", error)
+        if model_type in ARCHITECTURES:
+            class_name = ARCHITECTURES[model_type].causal_lm_class.__name__
+        else:  # transformers' own table, not the vLLM plan: a Hub folder does not depend on vLLM
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+                return _blocked(
+                    "remote-code",
+                    ExportError(f"transformers has no causal LM class for model_type '{model_type}'"),
+                )
+            class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
         return TargetVerdict(
             "remote-code", True, f"not needed: transformers' own `{class_name}` loads the folder", class_name
         )

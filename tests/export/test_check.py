@@ -178,9 +178,32 @@ def test_llama_3_rope_scaling_reaches_gguf_and_another_scaling_does_not(tmp_path
         "original_max_position_embeddings": 2048,
     }
     config.save_pretrained(tmp_path / "yarn")
+    assert check(tmp_path / "yarn").target("gguf").ok
+    config.rope_parameters = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}
+    config.save_pretrained(tmp_path / "dynamic")
     assert (
-        "RoPE scaling (rope_parameters.rope_type) = 'yarn'" in check(tmp_path / "yarn").target("gguf").detail
+        "RoPE scaling (rope_parameters.rope_type) = 'dynamic'"
+        in check(tmp_path / "dynamic").target("gguf").detail
     )
+
+
+def test_a_ministral3_folder_reaches_gguf_and_a_hub_folder_without_its_vllm_route(tmp_path):
+    """The Hub verdict of a transformers architecture comes from transformers' own class table, not from
+    the vLLM plan, which is blocked for Ministral 3 (not verified)."""
+    from transformers import Ministral3Config
+
+    Ministral3Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        head_dim=16,
+        vocab_size=128,
+    ).save_pretrained(tmp_path)
+    result = check(tmp_path)
+    assert result.target("gguf").ok and result.target("gguf").name == "mistral3"
+    assert result.target("remote-code").ok and "Ministral3ForCausalLM" in result.target("remote-code").detail
+    assert not result.target("vllm-native").ok
 
 
 def test_cli_prints_a_table_and_json(capsys):
