@@ -28,11 +28,19 @@ QWEN2_REGEX = (
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
+# Mistral's Tekken (Mistral NeMo, Ministral 3): cased words split at case changes, single digits.
+TEKKEN_REGEX = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 # Pre-tokenizer signature (see `pre_tokenizer_signature`) -> llama.cpp's `tokenizer.ggml.pre` name.
 KNOWN_PRE_TOKENIZERS: dict[tuple[tuple[Any, ...], ...], str] = {
     (("ByteLevel", False, True),): "gpt-2",
     (("Split", LLAMA3_REGEX, "Isolated"), ("ByteLevel", False, False)): "llama-bpe",
     (("Split", QWEN2_REGEX, "Isolated"), ("ByteLevel", False, False)): "qwen2",
+    (("Split", TEKKEN_REGEX, "Isolated"), ("ByteLevel", False, False)): "tekken",
 }
 
 # gguf-py's TokenType values, named here so the table below reads without the enum.
@@ -251,7 +259,9 @@ def read_vocab(folder: Path, n_vocab: int) -> GGUFVocab:
     for added in tokenizer_json.get("added_tokens", []):
         id_to_token[added["id"]] = added["content"]
         types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
-    if sentencepiece:  # as llama.cpp's own converter types them (the <unk> of an SPM vocabulary is not CONTROL)
+    if (
+        sentencepiece
+    ):  # as llama.cpp's own converter types them (the <unk> of an SPM vocabulary is not CONTROL)
         types.update({i: BYTE for i, t in id_to_token.items() if BYTE_TOKEN.fullmatch(t)})
         unk = tokenizer_json["model"].get("unk_token")
         types.update({i: UNKNOWN for i, t in id_to_token.items() if t == unk})

@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from export.tokenizer_gguf import LLAMA3_REGEX, QWEN2_REGEX  # noqa: E402
+from export.tokenizer_gguf import LLAMA3_REGEX, QWEN2_REGEX, TEKKEN_REGEX  # noqa: E402
 
 CHATML = (
     "{%- for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -46,12 +46,13 @@ def corpus() -> list[str]:
 
 
 def train_tokenizer(style: str, out_dir: Path, vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer in `style` (qwen2, llama-bpe or gpt-2), saved to `out_dir`."""
-    tok = Tokenizer(models.BPE())
+    """A byte-level BPE tokenizer in `style` (qwen2, llama-bpe, gpt-2 or tekken), saved to `out_dir`."""
+    # Tekken (Mistral NeMo, Ministral 3) looks a whole pre-token up before merging, as llama.cpp does for it.
+    tok = Tokenizer(models.BPE(ignore_merges=style == "tekken"))
     if style == "gpt-2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     else:
-        regex = QWEN2_REGEX if style == "qwen2" else LLAMA3_REGEX
+        regex = {"qwen2": QWEN2_REGEX, "tekken": TEKKEN_REGEX}.get(style, LLAMA3_REGEX)
         tok.pre_tokenizer = pre_tokenizers.Sequence(
             [
                 pre_tokenizers.Split(Regex(regex), behavior="isolated"),
@@ -64,8 +65,8 @@ def train_tokenizer(style: str, out_dir: Path, vocab_size: int = 512) -> PreTrai
     )
     tok.train_from_iterator(corpus(), trainer)
     bos = "<|endoftext|>"
-    if style == "llama-bpe":
-        # Llama-3 style: BOS added in front of every sequence.
+    if style in ("llama-bpe", "tekken"):
+        # Llama-3 and Tekken style: BOS added in front of every sequence.
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
         )

@@ -155,7 +155,7 @@ GEMMA3 = {"num_hidden_layers": 7, "sliding_window": 6, "head_dim": 64, "query_pr
         ("gemma3", "spm-no-prefix", GEMMA3),
         ("llama", "llama-bpe", {"rope_parameters": YARN}),  # YaRN, as Qwen2.5 / Qwen3 long-context configs
         ("qwen3", "qwen2", {"rope_parameters": YARN}),
-        ("ministral3", "spm", {"rope_parameters": MINISTRAL3_ROPE, "head_dim": 64}),
+        ("ministral3", "tekken", {"rope_parameters": MINISTRAL3_ROPE, "head_dim": 64}),  # Mistral's Tekken
     ],
 )
 def test_hf_families_export_and_verify(make_model, tmp_path, kind, style, extra):
