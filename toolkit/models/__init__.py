@@ -205,12 +205,19 @@ register_architecture(
     ],
 )
 
-# Agent Forge's three Cognate specialisations, as deltas on a cognate preset: more recursion (reasoning), a
-# larger memory behind a shorter attention window (memory), fewer updates and earlier halting (speed).
+# Agent Forge's three Cognate specialisations: config deltas of the three specialisations on cognate-tiny. Reasoning: more recursion and one more refinement
+# step; memory: a larger memory behind a short attention window, its gates starting on the memory side; speed:
+# one latent update per cycle, half the refinement steps and an earlier halt.
 COGNATE_SPECIALISATIONS = {
-    "reasoning": dict(h_cycles=3, l_cycles=3),
-    "memory": dict(memory_dim=48, sliding_window=16),
-    "speed": dict(h_cycles=1, l_cycles=1, halt_threshold=0.3),
+    "reasoning": dict(h_cycles=3, l_cycles=3, supervision_steps=3),
+    "memory": dict(memory_dim=48, sliding_window=16, memory_gate_bias=-2.0),
+    "speed": dict(h_cycles=1, l_cycles=1, supervision_steps=1, halt_threshold=0.3),
+}
+# The same on cognate-25m, whose base runs 4 refinement steps and a 256-token window.
+COGNATE_25M_SPECIALISATIONS = {
+    "reasoning": dict(h_cycles=3, l_cycles=3, supervision_steps=6),
+    "memory": dict(memory_dim=64, sliding_window=64, memory_gate_bias=-2.0),
+    "speed": dict(h_cycles=1, l_cycles=1, supervision_steps=2, halt_threshold=0.3),
 }
 COGNATE_25M = dict(
     vocab_size=32000,

@@ -308,3 +308,21 @@ def test_trl_trains_it_unchanged(method, tmp_path):
     trainer.train()
     changed = [name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])]
     assert "model.layers.0.self_attn.q_proj.weight" in changed and "model.halt_head.weight" not in changed
+
+
+def test_the_memory_specialisation_starts_its_gates_on_the_memory_side():
+    """memory_gate_bias sets where the MAG gates start: sigmoid(-2) = 0.12 of each block's mixing from
+    attention, so the memory carries most of it (memory_use near 0.88) before any training."""
+    register_auto_classes()
+    ids = torch.randint(1, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    uses = {}
+    for bias in (0.0, -2.0):
+        torch.manual_seed(0)
+        config = build_config("cognate-tiny", vocab_size=VOCAB, pad_token_id=0, memory_gate_bias=bias)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        assert all(torch.all(layer.memory_gate.bias == bias) for layer in model.model.layers)
+        with torch.no_grad():
+            model(ids)
+        uses[bias] = sum(layer.memory_use for layer in model.model.layers) / len(model.model.layers)
+    assert uses[0.0] == pytest.approx(0.5, abs=0.05) and uses[-2.0] == pytest.approx(0.88, abs=0.05)
+    assert build_config("cognate-tiny-memory").memory_gate_bias == -2.0

@@ -69,6 +69,9 @@ class CognateConfig(PreTrainedConfig):
     memory_dim: int = 32
     # The largest step size of a memory write (the learned per-token rate is a sigmoid times this).
     memory_lr: float = 0.5
+    # The MAG gate's starting bias: 0 mixes attention and memory evenly; below 0 starts the blocks leaning on the
+    # memory (sigmoid(-2) = 0.12 of each block's mixing from attention), the memory specialisation's prior.
+    memory_gate_bias: float = 0.0
     # Loss weights: deep supervision (mean over the steps before the last), the halting head's BCE against
     # "this step's prediction is right", and the ponder cost (expected steps over the most steps).
     deep_supervision_weight: float = 0.5

@@ -352,6 +352,9 @@ class CognateLayer(GradientCheckpointingLayer):
         self.memory_gate = (
             nn.Linear(config.hidden_size, config.hidden_size, bias=True) if self.memory else None
         )
+        if self.memory_gate is not None:
+            # Weight init visits the Linear itself after this block, so its bias start is set from there.
+            self.memory_gate.is_memory_gate = True
         self.post_attention_layernorm = CognateRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = CognateMLP(config)
         # Mean of (1 - gate) in the last pass, how much the block read from memory: for reports, never trained.
@@ -452,8 +455,9 @@ class CognatePreTrainedModel(PreTrainedModel):
         elif isinstance(module, CognateModel):
             init.normal_(module.y_init, mean=0.0, std=self.config.initializer_range)
             init.normal_(module.z_init, mean=0.0, std=self.config.initializer_range)
-        elif isinstance(module, CognateLayer) and module.memory_gate is not None:
-            init.zeros_(module.memory_gate.bias)  # an even mix of attention and memory at the start
+        elif isinstance(module, nn.Linear) and getattr(module, "is_memory_gate", False):
+            # An even mix of attention and memory at the start, unless the config leans one way.
+            init.constant_(module.bias, self.config.memory_gate_bias)
 
 
 class CognateModel(CognatePreTrainedModel):
