@@ -41,6 +41,8 @@ SHAPE = (
 
 
 def _shape_cell(config: object) -> str:
+    if callable(getattr(config, "shape_summary", None)):  # an architecture whose shape is not a decoder's
+        return config.shape_summary()
     return ", ".join(form.format(getattr(config, key)) for key, form in SHAPE if getattr(config, key, None))
 
 

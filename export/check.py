@@ -239,7 +239,7 @@ def _vllm_transformers(model_type: str) -> TargetVerdict:
 def _remote_code(model_type: str) -> TargetVerdict:
     if not _ours(model_type):  # a transformers architecture: a Hub folder loads without any code
         if model_type in ARCHITECTURES:
-            class_name = ARCHITECTURES[model_type].causal_lm_class.__name__
+            class_name = ARCHITECTURES[model_type].model_class.__name__
         else:  # transformers' own table, not the vLLM plan: a Hub folder does not depend on vLLM
             from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -259,7 +259,7 @@ def _remote_code(model_type: str) -> TargetVerdict:
     except ExportError as error:
         return _blocked("remote-code", error)
     detail = f"{', '.join(sorted(files))}; auto_map {', '.join(auto_map)}"
-    return TargetVerdict("remote-code", True, detail, arch.causal_lm_class.__name__)
+    return TargetVerdict("remote-code", True, detail, arch.model_class.__name__)
 
 
 def format_check(result: ArchCheck) -> str:

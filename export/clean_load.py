@@ -5,6 +5,9 @@ never imported. An import hook makes `toolkit`, `export` and `eval` unimportable
 its own: transformers' native class, or its own modelling files through `trust_remote_code=True`. Imports
 only the standard library, torch, transformers and (for adapters) peft.
 
+A model that is not a language model (request kind "outputs") is loaded with AutoModel and run on the saved
+inputs of the request; its output tensors are saved instead.
+
 The request names the folder, the prompts and the conversation; the result (token ids, logits at every
 position, a greedy continuation, the class that was loaded, the checkpoint names transformers did not match)
 is saved with `torch.save` to the request's `out` path for the parent process to compare with the source model.
@@ -56,6 +59,9 @@ def main(request_path: str) -> None:
     torch.manual_seed(0)
     folder = request["folder"]
     remote = request["remote_code"]
+    if request.get("kind") == "outputs":
+        outputs_of(request)
+        return
     tokenizer = AutoTokenizer.from_pretrained(request.get("tokenizer") or folder, trust_remote_code=remote)
     model, info = AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, trust_remote_code=remote, output_loading_info=True
@@ -91,6 +97,33 @@ def main(request_path: str) -> None:
             "loaded_class": f"{loaded.__module__}.{loaded.__qualname__}",
             "project_importable": project_importable(),
             "project_modules": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED),
+        },
+        request["out"],
+    )
+
+
+def outputs_of(request: dict) -> None:
+    """A model that is not a language model: loaded with AutoModel, run on the request's saved inputs; every
+    tensor of its output saved."""
+    import torch
+    from transformers import AutoModel
+
+    model, info = AutoModel.from_pretrained(
+        request["folder"],
+        dtype=torch.float32,
+        trust_remote_code=request["remote_code"],
+        output_loading_info=True,
+    )
+    loaded = type(model)
+    inputs = torch.load(request["inputs"], weights_only=True)
+    with torch.no_grad():
+        out = model.eval()(**inputs)
+    torch.save(
+        {
+            "loading_problems": loading_problems(info),
+            "outputs": {name: value for name, value in out.items() if isinstance(value, torch.Tensor)},
+            "loaded_class": f"{loaded.__module__}.{loaded.__qualname__}",
+            "project_importable": project_importable(),
         },
         request["out"],
     )

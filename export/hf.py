@@ -56,14 +56,26 @@ def hf_route(model_type: str) -> Route:
     arch = ARCHITECTURES.get(model_type)
     if arch is not None and not arch.in_transformers:
         files, auto_map = remote_code_files(arch)
-        return Route("remote-code", arch.causal_lm_class, model_type, files=files, auto_map=auto_map)
-    class_name = arch.causal_lm_class.__name__ if arch else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+        return Route("remote-code", arch.model_class, model_type, files=files, auto_map=auto_map)
+    class_name = arch.model_class.__name__ if arch else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if class_name is None or not hasattr(transformers, class_name):
         raise ExportError(
             f"model_type '{model_type}' is neither a toolkit architecture nor a causal LM transformers "
             f"{transformers.__version__} knows, so no Hub folder can be written for it"
         )
     return Route("native", getattr(transformers, class_name), model_type)
+
+
+def write_plain_model_folder(folder: Path, out: Path, route: Route, dtype: str, max_shard_size: str) -> None:
+    """A model that is not a language model, as a remote-code folder: config with its `auto_map`, weights in
+    `dtype`, the modelling files."""
+    import torch
+
+    model = route.model_class.from_pretrained(folder, dtype=getattr(torch, dtype))
+    model.config.auto_map = route.auto_map
+    model.save_pretrained(out, max_shard_size=max_shard_size)
+    for name, text in route.files.items():
+        (out / name).write_text(text, encoding="utf-8")
 
 
 def export_hf(
@@ -78,7 +90,7 @@ def export_hf(
     """Export SRC (run, stage, HF or LoRA folder; an adapter is merged) to a self-contained Hub folder,
     verified in a clean process unless told not. Everything that can refuse does so before writing."""
     from export.verify import PROMPTS
-    from export.verify_hf import source_reference, verify_folder
+    from export.verify_hf import source_reference, verify_folder, verify_outputs
     from toolkit.models import register_auto_classes
 
     register_auto_classes()
@@ -92,11 +104,20 @@ def export_hf(
         model_type = config.get("model_type", "?")
         route = hf_route(model_type)
         dtype = resolve_dtype(dtype, config)
-        if not any((source.folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        # A model that is not a language model (the lattice) has no tokenizer, no generation and no logits: its
+        # folder holds config, weights and code, and is verified on its outputs for fixed inputs.
+        language_model = ARCHITECTURES[model_type].is_language_model if model_type in ARCHITECTURES else True
+        if language_model and not any(
+            (source.folder / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")
+        ):
             raise ExportError(f"{source.folder} has no tokenizer files; the Hub folder needs its tokenizer")
         remote = route.form == "remote-code"
         with atomic_path(out_path, is_dir=True) as tmp:
-            eos = write_model_folder(source.folder, tmp, route, dtype, max_shard_size)
+            if language_model:
+                eos = write_model_folder(source.folder, tmp, route, dtype, max_shard_size)
+            else:
+                eos = None
+                write_plain_model_folder(source.folder, tmp, route, dtype, max_shard_size)
             report: dict[str, Any] = {
                 "target": "hf",
                 "source": str(source.folder),
@@ -111,14 +132,19 @@ def export_hf(
                 "lora_merged": bool(source.lora),
             }
             if verify:
-                check = verify_folder(
-                    tmp,
-                    source.folder,
-                    dtype=dtype,
-                    remote_code=remote,
-                    expected_class=route.expected_class,
-                    source=source_reference(source.folder, dtype),
-                )
+                if language_model:
+                    check = verify_folder(
+                        tmp,
+                        source.folder,
+                        dtype=dtype,
+                        remote_code=remote,
+                        expected_class=route.expected_class,
+                        source=source_reference(source.folder, dtype),
+                    )
+                else:
+                    check = verify_outputs(
+                        tmp, source.folder, dtype=dtype, expected_class=route.expected_class
+                    )
                 report["verification"] = {"model": check}
                 report["verified_in"] = ["clean"]
                 report["ok"] = check["ok"]

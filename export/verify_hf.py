@@ -220,6 +220,80 @@ def verify_folder(
     return compare(source, exported, expected_class)
 
 
+def model_outputs(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Every tensor field of `model(**inputs)`, by name (a ModelOutput of a model that is not a language model)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(**inputs)
+    return {name: value for name, value in out.items() if isinstance(value, torch.Tensor)}
+
+
+def verify_outputs(folder: Path, source_folder: Path, *, dtype: str, expected_class: str) -> dict[str, Any]:
+    """A model that is not a language model: `folder` loaded in a clean process (AutoModel, remote code) and
+    run on the source model's `dummy_inputs` must give the source's outputs, field by field (the source's
+    weights rounded to `dtype` first, as the folder's are)."""
+    import torch
+    from transformers import AutoModel
+
+    from toolkit.models import register_auto_classes
+
+    register_auto_classes()
+    model = AutoModel.from_pretrained(source_folder, dtype=torch.float32).eval()
+    inputs = model.dummy_inputs
+    exact = model_outputs(model, inputs)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(getattr(torch, dtype)).float())
+    expected = model_outputs(model, inputs)
+    rounding = max(float((exact[k] - expected[k]).abs().max()) for k in expected)
+    with tempfile.TemporaryDirectory(prefix="clean-load-") as tmp:
+        torch.save(inputs, Path(tmp) / "inputs.pt")
+        request = {
+            "kind": "outputs",
+            "folder": str(folder),
+            "remote_code": True,
+            "inputs": str(Path(tmp) / "inputs.pt"),
+            "out": str(Path(tmp) / "result.pt"),
+        }
+        try:
+            proc = run_child(Path(sys.executable), CHILD, request, Path(tmp), timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired as error:
+            raise ExportError(f"loading {folder} in a clean process took over {CHILD_TIMEOUT_S} s") from error
+        if proc.returncode != 0:
+            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+            raise ExportError(f"{folder} does not load without forge-toolkit:\n{tail}")
+        exported = torch.load(request["out"], weights_only=True)
+    outputs = exported["outputs"]
+    same_fields = sorted(outputs) == sorted(expected)
+    delta = (
+        max(float((expected[k] - outputs[k]).abs().max()) for k in expected)
+        if same_fields and all(expected[k].shape == outputs[k].shape for k in expected)
+        else float("inf")
+    )
+    checks = [
+        _check("max_abs_output_delta", delta, "<=", MAX_ABS_LOGIT_DELTA),
+        _check("same_output_fields", float(same_fields), "==", 1.0),
+        _check(
+            "expected_class_loaded",
+            float(bool(re.fullmatch(expected_class, exported["loaded_class"]))),
+            "==",
+            1.0,
+        ),
+        _check("loads_without_forge_toolkit", float(not exported["project_importable"]), "==", 1.0),
+        _check("checkpoint_names_match", float(not exported["loading_problems"]), "==", 1.0),
+    ]
+    return {
+        "loaded_class": exported["loaded_class"],
+        "loading_problems": exported["loading_problems"],
+        "expected_class": expected_class,
+        "outputs": sorted(expected),
+        "measures": {c["measure"]: c["value"] for c in checks} | {"dtype_rounding_max_abs": rounding},
+        "checks": checks,
+        "ok": all(c["ok"] for c in checks),
+    }
+
+
 def source_reference(
     source_folder: Path, dtype: str, source_adapter: Path | None = None, *, vllm_rows: bool = False
 ) -> dict[str, Any]:

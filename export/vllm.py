@@ -197,12 +197,10 @@ def require_attention_backend(model_type: str, plan: VLLMPlan, model_class: type
 
 def remote_code_files(arch: Architecture) -> tuple[dict[str, str], dict[str, str]]:
     """The modelling files a remote-code folder carries (name -> source text) and its `auto_map`."""
-    classes = {
-        "AutoConfig": arch.config_class,
-        "AutoModel": arch.base_model_class,
-        "AutoModelForCausalLM": arch.causal_lm_class,
-    }
-    package = arch.causal_lm_class.__module__.rpartition(".")[0]
+    classes = {"AutoConfig": arch.config_class, "AutoModel": arch.base_model_class}
+    if arch.is_language_model:
+        classes["AutoModelForCausalLM"] = arch.causal_lm_class
+    package = arch.model_class.__module__.rpartition(".")[0]
     files = portable_sources([inspect.getsourcefile(cls) for cls in classes.values()], package)
     auto_map = {
         auto: f"{Path(inspect.getsourcefile(cls)).stem}.{cls.__name__}" for auto, cls in classes.items()

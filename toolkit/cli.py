@@ -86,13 +86,19 @@ def cmd_arch_info(args: argparse.Namespace) -> int:
         n = estimate["parameters"]
         print(f"  counted here: {n / 1e9:.2f}B, {4 * n / 1e9:.1f} GB fp32; {preset.quoted}")
     shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    print("  " + ", ".join(f"{k}={getattr(config, k)}" for k in shape if hasattr(config, k)))
+    if any(hasattr(config, k) for k in shape):
+        print("  " + ", ".join(f"{k}={getattr(config, k)}" for k in shape if hasattr(config, k)))
+    for line in getattr(config, "describe_parameters", lambda n: [])(estimate["parameters"]):
+        print(f"  {line}")
     if estimate["stack_applications"] > 1:
         print(
             f"  the block stack runs {estimate['stack_applications']} times per token (one KV slot each, "
             f"{estimate['kv_tokens']} tokens kept per slot)"
         )
-    print(f"\nInference (weights + KV cache for one sequence of {estimate['context']} tokens):")
+    if estimate["context"]:
+        print(f"\nInference (weights + KV cache for one sequence of {estimate['context']} tokens):")
+    else:
+        print("\nInference (weights):")
     for dtype, parts in estimate["inference"].items():
         print(
             f"  {dtype:<9} weights {human_bytes(parts['weights']):>11}   kv cache {human_bytes(parts['kv_cache']):>11}"

@@ -51,3 +51,42 @@ def test_a_transformers_architecture_is_written_without_code(tmp_path):
     report = json.loads((out / "export_report.json").read_text())
     assert report["ok"] and not report["remote_code"] and report["architecture"] == "Qwen3ForCausalLM"
     assert not list(out.glob("*.py")) and "auto_map" not in json.loads((out / "config.json").read_text())
+
+
+def test_the_lattice_becomes_a_remote_code_folder_verified_on_its_outputs(tmp_path):
+    """Not a language model: no tokenizer, no logits; the clean process loads it with AutoModel and must give
+    the source's outputs on fixed inputs, and a changed weight is caught."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    from export.verify_hf import verify_outputs
+    from toolkit.models import build_config, register_auto_classes
+
+    register_auto_classes()
+    torch.manual_seed(0)
+    AutoModel.from_config(build_config("lattice-tiny")).save_pretrained(tmp_path / "model")
+    done = toolkit("export", "hf", "model", "--out", "hub", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "hub" / "export_report.json").read_text())
+    assert report["ok"] and report["remote_code"] and report["architecture"] == "LatticeModel"
+    assert report["files"] == ["configuration_lattice.py", "modeling_lattice.py"]
+    model = report["verification"]["model"]
+    assert (
+        model["measures"]["max_abs_output_delta"] == 0
+        and model["measures"]["loads_without_forge_toolkit"] == 1
+    )
+    assert {"predicted_embedding", "output_surface"} <= set(model["outputs"])
+    assert json.loads((tmp_path / "hub" / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_lattice.LatticeConfig",
+        "AutoModel": "modeling_lattice.LatticeModel",
+    }
+
+    weights = load_file(tmp_path / "hub" / "model.safetensors")
+    # One cell of one layer (a random change: a constant one is cancelled by the cell's LayerNorm).
+    weights["layers.1.up_weight"][3] += 0.05 * torch.randn(weights["layers.1.up_weight"][3].shape)
+    save_file(weights, tmp_path / "hub" / "model.safetensors", metadata={"format": "pt"})
+    tampered = verify_outputs(
+        tmp_path / "hub", tmp_path / "model", dtype="float32", expected_class=".*LatticeModel"
+    )
+    assert not tampered["ok"] and tampered["measures"]["max_abs_output_delta"] > 1e-5

@@ -40,7 +40,7 @@ def test_decoder_uses_the_llama_graph():
     assert get_plan("decoder").gguf.arch == "llama"
     with pytest.raises(
         ExportError,
-        match="architectures with one: bitnet, codette, cognate, decoder, gemma3_text, llama, ministral3, mistral, olmo2, phi3, prometheus, qwen2, qwen3, smollm3",
+        match="architectures with one: bitnet, codette, cognate, decoder, gemma3_text, lattice, llama, ministral3, mistral, olmo2, phi3, prometheus, qwen2, qwen3, smollm3",
     ):
         get_plan("gpt_neox")
 

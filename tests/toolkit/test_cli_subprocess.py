@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 TOOLKIT = str(Path(sys.executable).parent / "toolkit")
 # The architectures that reach every export target. The BitNet family (transformers' BitNet) reaches GGUF only,
 # and only with SiLU: test_arch_check_names_what_blocks_the_bitnet_family; cognate reaches the Hub remote-code
-# folder only: test_cognate_exports_refuse_before_writing.
-ARCHS = sorted(a for a in ARCHITECTURES if a not in ("bitnet", "cognate"))
+# folder only: test_cognate_exports_refuse_before_writing; the lattice is not a language model and reaches the
+# Hub remote-code folder only (tests/export/test_hf_export.py).
+ARCHS = sorted(a for a in ARCHITECTURES if a not in ("bitnet", "cognate", "lattice"))
 
 
 def toolkit(*args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:

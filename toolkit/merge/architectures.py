@@ -122,6 +122,8 @@ def tell_mergekit() -> None:
 
     register_auto_classes()
     for arch in ARCHITECTURES.values():
+        if not arch.is_language_model:  # mergekit merges language models
+            continue
         info = mergekit_architecture(arch)
         for name in info.architectures:
             NAME_TO_ARCH[name] = [info]

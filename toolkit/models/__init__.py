@@ -205,9 +205,9 @@ register_architecture(
     ],
 )
 
-# Agent Forge's three Cognate specialisations: config deltas of the three specialisations on cognate-tiny. Reasoning: more recursion and one more refinement
-# step; memory: a larger memory behind a short attention window, its gates starting on the memory side; speed:
-# one latent update per cycle, half the refinement steps and an earlier halt.
+# Agent Forge's three Cognate specialisations, as config deltas on cognate-tiny. Reasoning: more recursion and
+# one more refinement step; memory: a larger memory behind a short attention window, its gates starting on the
+# memory side; speed: one latent update per cycle, half the refinement steps and an earlier halt.
 COGNATE_SPECIALISATIONS = {
     "reasoning": dict(h_cycles=3, l_cycles=3, supervision_steps=3),
     "memory": dict(memory_dim=48, sliding_window=16, memory_gate_bias=-2.0),
@@ -274,10 +274,41 @@ register_architecture(
             Preset(
                 f"cognate-25m-{name}",
                 "cognate",
-                {**COGNATE_25M, **delta, "memory_dim": 64} if name == "memory" else {**COGNATE_25M, **delta},
+                {**COGNATE_25M, **delta},
                 f"cognate-25m, {name} specialisation",
             )
-            for name, delta in COGNATE_SPECIALISATIONS.items()
+            for name, delta in COGNATE_25M_SPECIALISATIONS.items()
+        ),
+    ],
+)
+
+# A teacher's embeddings through a 3D lattice of gMLP cells (toolkit/models/lattice/): not a language model.
+register_architecture(
+    Architecture(
+        name="lattice",
+        config="toolkit.models.lattice.configuration_lattice:LatticeConfig",
+        base_model="toolkit.models.lattice.modeling_lattice:LatticeModel",
+        causal_lm=None,
+        description="teacher embeddings -> adapter -> lattice of gMLP cells -> answer embedding",
+        plan_module="toolkit.models.lattice.export_plan",
+    ),
+    [
+        Preset("lattice-tiny", "lattice", {}, "4x4x3 cells over 64-d embeddings, for tests and the CPU demo"),
+        # The seed's: 15 x 15 surfaces, 11 layers (2,475 cells), Llama-3-8B's 4096-d embeddings; the adapter's
+        # widths give its ~45.9M parameters.
+        Preset(
+            "lattice-15x15x11",
+            "lattice",
+            dict(
+                teacher_dim=4096,
+                height=15,
+                width=15,
+                depth=11,
+                cell_dim=32,
+                cell_hidden=128,
+                adapter_hidden=[8192, 1472],
+            ),
+            "the seed's 15x15x11 lattice for Llama-3-8B embeddings",
         ),
     ],
 )

@@ -40,7 +40,7 @@ class Architecture:
     name: str  # the config's model_type
     config: str | type
     base_model: str | type
-    causal_lm: str | type
+    causal_lm: str | type | None  # None: not a language model (lattice maps embeddings to embeddings)
     description: str
     # The score-head model (reward models, classifiers), registered with AutoModelForSequenceClassification.
     sequence_classification: str | type | None = None
@@ -62,7 +62,7 @@ class Architecture:
     @property
     def in_transformers(self) -> bool:
         """Whether its model classes are transformers' own (a folder loads without this project's code)."""
-        return import_path(self.causal_lm).__module__.startswith("transformers.")
+        return self.model_class.__module__.startswith("transformers.")
 
     @property
     def base_model_class(self) -> type[PreTrainedModel]:
@@ -70,7 +70,20 @@ class Architecture:
 
     @property
     def causal_lm_class(self) -> type[PreTrainedModel]:
+        if self.causal_lm is None:
+            raise ToolkitError(
+                f"architecture '{self.name}' is not a language model: it has no causal LM class"
+            )
         return import_path(self.causal_lm)
+
+    @property
+    def is_language_model(self) -> bool:
+        return self.causal_lm is not None
+
+    @property
+    def model_class(self) -> type[PreTrainedModel]:
+        """The class a checkpoint of it loads as: the causal LM, or the base model for other architectures."""
+        return self.causal_lm_class if self.is_language_model else self.base_model_class
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,8 @@ def register_auto_classes() -> None:
         for arch in pending:
             AutoConfig.register(arch.name, arch.config_class, exist_ok=True)
             AutoModel.register(arch.config_class, arch.base_model_class, exist_ok=True)
-            AutoModelForCausalLM.register(arch.config_class, arch.causal_lm_class, exist_ok=True)
+            if arch.is_language_model:
+                AutoModelForCausalLM.register(arch.config_class, arch.causal_lm_class, exist_ok=True)
             if arch.sequence_classification is not None:
                 AutoModelForSequenceClassification.register(
                     arch.config_class, import_path(arch.sequence_classification), exist_ok=True
@@ -167,13 +181,16 @@ def build_config(preset: str, **overrides: Any) -> PreTrainedConfig:
 
 
 def meta_model(config: PreTrainedConfig) -> PreTrainedModel:
-    """The causal LM for `config` with every tensor on the meta device: shapes without memory."""
+    """The model for `config` (its causal LM, or the base model of an architecture that is not a language
+    model) with every tensor on the meta device: shapes without memory."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     register_auto_classes()
+    arch = ARCHITECTURES.get(config.model_type)
+    auto = AutoModel if arch is not None and not arch.is_language_model else AutoModelForCausalLM
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto.from_config(config)
 
 
 def count_parameters(config: PreTrainedConfig) -> int:
@@ -192,6 +209,23 @@ TRAINING_BYTES_PER_PARAM = {
 }
 
 
+def _weights_only_estimate(n: int) -> dict[str, Any]:
+    training = {
+        regime: {part: size * n for part, size in parts.items()}
+        for regime, parts in TRAINING_BYTES_PER_PARAM.items()
+    }
+    for parts in training.values():
+        parts["total"] = sum(parts.values())
+    return {
+        "parameters": n,
+        "context": 0,
+        "stack_applications": 1,
+        "kv_tokens": 0,
+        "inference": {dtype: {"weights": n * size, "kv_cache": 0} for dtype, size in BYTES_PER_PARAM.items()},
+        "training": training,
+    }
+
+
 def memory_estimate(config: PreTrainedConfig) -> dict[str, Any]:
     """Memory needed to run and to train `config`, in bytes.
 
@@ -201,6 +235,8 @@ def memory_estimate(config: PreTrainedConfig) -> dict[str, Any]:
     moments (2+2+4+8). Activations depend on batch and sequence length and are left out.
     """
     n = count_parameters(config)
+    if getattr(config, "num_attention_heads", None) is None:  # not a language model: no context, no KV cache
+        return _weights_only_estimate(n)
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     context = getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0)
