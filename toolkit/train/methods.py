@@ -7,6 +7,7 @@ checkpointing), which `trainer_stage.device_defaults` switches off on a CPU.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,3 +277,6 @@ register_stage(
         preflight=teacher_preflight,
     )
 )
+
+# Distilling a teacher's embeddings into a student that is not a language model (the lattice): its own module.
+importlib.import_module("toolkit.train.distill")

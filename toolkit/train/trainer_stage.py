@@ -618,10 +618,13 @@ def keep_metrics(path: Path, checkpoint: str | None, step_offset: int = 0) -> No
     write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def save_final(trainer: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, final: Path) -> None:
-    """Write `final/` (weights or adapter, tokenizer, chat template, generation config) atomically."""
+def save_final(
+    trainer: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, final: Path
+) -> None:
+    """Write `final/` (weights or adapter, tokenizer, chat template, generation config) atomically; a model
+    without a tokenizer (the lattice) has weights and config only."""
     generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
+    if generation_config is not None and tokenizer is not None:
         # Every end-of-turn token stops generation, in transformers and in whatever serves the export.
         generation_config.eos_token_id = end_of_turn_ids(tokenizer)
         generation_config.pad_token_id = tokenizer.pad_token_id
@@ -634,7 +637,8 @@ def save_final(trainer: Any, model: PreTrainedModel, tokenizer: PreTrainedTokeni
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(tmp))
     if main:
-        tokenizer.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         if final.exists():  # a resumed stage that had written final/ but not its done marker
             shutil.rmtree(final)
         os.replace(tmp, final)
