@@ -1,12 +1,26 @@
 """Our GGUF export against llama.cpp's own `convert_hf_to_gguf.py`, on one `decoder-125m` checkpoint.
 
-    python bench/export_gguf.py [--llama-cpp-dir DIR] [--work DIR] [--tokens 128]
+    python bench/export_gguf.py [--llama-cpp-dir DIR] [--work DIR] [--tokens 128] [--rows f16,q8_0,q4_k_m,families]
 
 Measures, for f16 and q8_0: wall time and peak RSS of each converter (each runs in its own process, measured
 from /proc VmHWM, Linux only), decode tokens/s of each resulting file in llama.cpp (same prompt, greedy, same
 threads, best of 7 alternating rounds), and whether the two files hold the same tensor bytes.
 Prints the ratios against the goals (time <= 0.8x, memory <= 1.0x, decode >= 0.98x). No assertions: timings
 on a shared machine are figures to read, not tests.
+
+For Q4_K_M: our one-pass export against `convert_hf_to_gguf.py` followed by llama.cpp's quantizer
+(`llama_model_quantize`, what the `llama-quantize` tool runs, called through llama-cpp-python in its own
+process), twice: from an f32 intermediate (the checkpoint's precision: the two files must hold the same bytes)
+and from an f16 one (the usual route). Their time is the sum of both steps, their memory the larger peak, and
+the disk figures are the most bytes the output folder held at once (sampled every 10 ms): theirs holds the
+intermediate and the final file together. Goal: time <= 0.5x.
+
+For each Hub family with an export plan (Llama 3.1 with its RoPE scaling, Qwen3, OLMo 2, Phi-3, SmolLM3,
+Gemma 3): a ~125M model of transformers' own class with random weights, saved in bfloat16 as Hub checkpoints
+are, and the toolkit's tokenizer; f16 from both converters, time and memory ratios, same tensors. Two
+differences are expected there: Llama 3.1's `rope_freqs.weight` (ours from transformers' own frequencies in
+float64, theirs in float32: 4.8e-7 apart), and Gemma 3's `token_embd.weight`, whose rows past the tokenizer
+their converter drops (ours keeps one row per embedding row, with placeholder tokens).
 
 `convert_hf_to_gguf.py` comes from llama-cpp-python's source distribution, which vendors llama.cpp: pass
 `--llama-cpp-dir` (or set LLAMA_CPP_DIR) to a llama.cpp checkout, or let the bench `pip download` the sdist
@@ -68,11 +82,61 @@ spec = importlib.util.spec_from_file_location("convert_hf_to_gguf", sys.argv[0])
 convert = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(convert)
 from conversion import base, llama
+from conversion import phi
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
 llama.LlamaModel.set_vocab = lambda self: self._set_vocab_gpt2()
+phi.Phi3MiniModel.set_vocab = lambda self: self._set_vocab_gpt2()
 convert.main()
 """
 )
+
+
+# llama.cpp's quantizer on a GGUF, as the llama-quantize tool runs it: argv[1] source, argv[2] output.
+QUANTIZE = (
+    HWM_PRELUDE
+    + """
+import ctypes, sys
+import llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+params.nthread = int(sys.argv[3])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), ctypes.byref(params)))
+"""
+)
+
+
+class DiskPeak:
+    """The most bytes the files of `folder` held at once while the block ran, sampled every 10 ms."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.peak = folder, 0
+
+    def sample(self) -> None:
+        total = 0
+        for item in self.folder.iterdir():
+            try:
+                total += item.stat().st_size
+            except FileNotFoundError:  # renamed or removed between listing and stat
+                pass
+        self.peak = max(self.peak, total)
+
+    def __enter__(self) -> DiskPeak:
+        import threading
+
+        self.stop = threading.Event()
+
+        def poll() -> None:
+            while not self.stop.wait(0.01):
+                self.sample()
+
+        self.thread = threading.Thread(target=poll, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
 
 
 def find_llama_cpp(explicit: str | None, work: Path) -> Path:
@@ -127,6 +191,79 @@ def llama_view(ours: Path, view: Path) -> Path:
     return view
 
 
+FAMILY_SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    # Inside this vocabulary (Phi-3's pad and Llama 3's BOS/EOS defaults are not).
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 1024,
+}
+
+
+def family_checkpoint(family: str, tokenizer_from: Path, work: Path) -> Path:
+    """A ~125M model of `family` (transformers' own config and model class), bfloat16, random weights."""
+    import shutil
+
+    import torch
+    import transformers
+
+    folder = work / f"family-{family}"
+    if (folder / "model.safetensors").exists():
+        return folder
+    config_class, model_class, extra = {
+        "llama3": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE}),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 64}),
+        "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+        "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {}),
+        "gemma3": (
+            "Gemma3TextConfig",
+            "Gemma3ForCausalLM",
+            # The attention scale of llama.cpp's gemma3 graph is 1/sqrt(head_dim), as in Gemma 3 1B.
+            {"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 512},
+        ),
+    }[family]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**FAMILY_SHAPE, **extra)
+    model = getattr(transformers, model_class)(config).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer_from / name).exists():
+            shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+def family_row(family: str, tokenizer_from: Path, llama_cpp_dir: Path, args: argparse.Namespace):
+    """One family's f16 export by both converters: (family, ours (s, MiB), theirs (s, MiB), same tensors)."""
+    folder = family_checkpoint(family, tokenizer_from, args.work)
+    ours_out, theirs_out = args.work / f"ours-{family}-f16.gguf", args.work / f"theirs-{family}-f16.gguf"
+    ours = measure(
+        [sys.executable, "-c", OURS, "gguf", str(folder), "--quant", "f16",
+         "--out", str(ours_out), "--force", "--no-verify"],
+        args.work,
+    )  # fmt: skip
+    theirs = measure(
+        [sys.executable, "-c", CONVERT_WRAPPER, str(llama_cpp_dir), str(folder),
+         "--outtype", "f16", "--outfile", str(theirs_out)],
+        args.work,
+    )  # fmt: skip
+    return family, ours, theirs, same_tensors(ours_out, theirs_out)
+
+
 def measure(command: list[str], work: Path) -> tuple[float, float]:
     """Wall seconds and peak RSS (MiB) of `command`, a Python process that writes its VmHWM at exit."""
     hwm = work / "hwm.txt"
@@ -156,6 +293,42 @@ def same_tensors(a: Path, b: Path) -> bool:
     )
 
 
+def kquant_row(via: str, ours_src: Path, theirs_src: Path, llama_cpp_dir: Path, args: argparse.Namespace):
+    """One Q4_K_M row: ours in one pass; theirs through an intermediate file of type `via`."""
+    import shutil
+
+    threads = os.cpu_count() or 1  # both quantize on every core, llama.cpp's default
+    folders = {side: args.work / f"q4_k_m-{side}-{via}" for side in ("ours", "theirs")}
+    for folder in folders.values():
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+    ours_out, theirs_out = folders["ours"] / "ours.gguf", folders["theirs"] / "theirs.gguf"
+    with DiskPeak(folders["ours"]) as ours_disk:
+        seconds, memory = measure(
+            [sys.executable, "-c", OURS, "gguf", str(ours_src), "--quant", "q4_k_m",
+             "--out", str(ours_out), "--force", "--no-verify", "--threads", str(threads)],
+            args.work,
+        )  # fmt: skip
+    intermediate = folders["theirs"] / f"intermediate-{via}.gguf"
+    with DiskPeak(folders["theirs"]) as theirs_disk:
+        convert_s, convert_mib = measure(
+            [sys.executable, "-c", CONVERT_WRAPPER, str(llama_cpp_dir), str(theirs_src),
+             "--outtype", via, "--outfile", str(intermediate)],
+            args.work,
+        )  # fmt: skip
+        quantize_s, quantize_mib = measure(
+            [sys.executable, "-c", QUANTIZE, str(intermediate), str(theirs_out), str(threads)], args.work
+        )
+    speed = tuple(decode_speeds([ours_out, theirs_out], args.tokens, args.threads))
+    return (
+        via,
+        (seconds, memory, ours_disk.peak),
+        (convert_s, quantize_s, max(convert_mib, quantize_mib), theirs_disk.peak),
+        speed,
+        same_tensors(ours_out, theirs_out),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,13 +339,19 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=128, help="tokens decoded per speed measurement")
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads for decoding")
+    parser.add_argument(
+        "--rows",
+        default="f16,q8_0,q4_k_m,families",
+        help="which rows to measure (comma-separated: f16, q8_0, q4_k_m, families)",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     llama_cpp_dir = find_llama_cpp(args.llama_cpp_dir, args.work)
     ours_src, theirs_src = build_checkpoint(args.work)
 
     rows = []
-    for quant in ("f16", "q8_0"):
+    wanted = args.rows.split(",")
+    for quant in [q for q in ("f16", "q8_0") if q in wanted]:
         ours_out, theirs_out = args.work / f"ours-{quant}.gguf", args.work / f"theirs-{quant}.gguf"
         ours = measure(
             [sys.executable, "-c", OURS, "gguf", str(ours_src), "--quant", quant,
@@ -195,6 +374,40 @@ def main() -> None:
             f"| {quant} | {t_ours:.1f} | {t_theirs:.1f} | {t_ours / t_theirs:.2f} | {m_ours:.0f} | {m_theirs:.0f} "
             f"| {m_ours / m_theirs:.2f} | {s_ours:.0f} | {s_theirs:.0f} | {s_ours / s_theirs:.2f} "
             f"| {'yes' if same else 'no'} |"
+        )
+    kquant_rows = [
+        kquant_row(via, ours_src, theirs_src, llama_cpp_dir, args)
+        for via in ("f32", "f16")
+        if "q4_k_m" in wanted
+    ]
+    print(
+        "\n| Q4_K_M | ours s | theirs s (convert + quantize) | time ratio (<= 0.5) | ours MiB | theirs MiB "
+        "| memory ratio | ours peak disk MiB | theirs peak disk MiB | ours tok/s | theirs tok/s | same tensors |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for via, (t_ours, m_ours, d_ours), (
+        t_convert,
+        t_quantize,
+        m_theirs,
+        d_theirs,
+    ), speed, same in kquant_rows:
+        t_theirs = t_convert + t_quantize
+        print(
+            f"| via {via} | {t_ours:.1f} | {t_theirs:.1f} ({t_convert:.1f} + {t_quantize:.1f}) "
+            f"| {t_ours / t_theirs:.2f} | {m_ours:.0f} | {m_theirs:.0f} | {m_ours / m_theirs:.2f} "
+            f"| {d_ours / 2**20:.0f} | {d_theirs / 2**20:.0f} | {speed[0]:.0f} | {speed[1]:.0f} "
+            f"| {'yes' if same else 'no'} |"
+        )
+    families = ("llama3", "qwen3", "olmo2", "phi3", "smollm3", "gemma3")
+    family_rows = [family_row(f, ours_src, llama_cpp_dir, args) for f in families if "families" in wanted]
+    print(
+        "\n| family (f16) | ours s | theirs s | time ratio | ours MiB | theirs MiB | memory ratio | same tensors |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for family, (t_ours, m_ours), (t_theirs, m_theirs), same in family_rows:
+        print(
+            f"| {family} | {t_ours:.1f} | {t_theirs:.1f} | {t_ours / t_theirs:.2f} | {m_ours:.0f} | {m_theirs:.0f} "
+            f"| {m_ours / m_theirs:.2f} | {'yes' if same else 'no'} |"
         )
     imports, _ = measure([sys.executable, "-c", HWM_PRELUDE + "import export.cli"], args.work)
     print(
