@@ -124,6 +124,17 @@ MINISTRAL3_ROPE = {
     "llama_4_scaling_beta": 0.1,
 }
 
+# Phi-3 128k / Phi-4-mini's LongRoPE: two tables of one divisor per rotary frequency (32 here) and a context
+# twice the original, so the cos/sin scale is sqrt(1 + log 2 / log 512) = 1.054; prompts shorter than the
+# original context take the short table in both transformers and llama.cpp (its context, 512, is not longer).
+LONGROPE = {
+    "rope_type": "longrope",
+    "rope_theta": 10000.0,
+    "original_max_position_embeddings": 512,
+    "short_factor": [1.0 + 0.03 * i for i in range(32)],
+    "long_factor": [1.0 + 0.1 * i for i in range(32)],
+}
+
 # Gemma 3 text: seven layers (the sixth global), a window shorter than the verification prompts, the head width
 # llama.cpp's attention scale assumes.
 GEMMA3 = {"num_hidden_layers": 7, "sliding_window": 6, "head_dim": 64, "query_pre_attn_scalar": 64}
@@ -143,6 +154,15 @@ GEMMA3 = {"num_hidden_layers": 7, "sliding_window": 6, "head_dim": 64, "query_pr
             "phi3",
             "gpt-2",
             {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+        ),
+        (
+            "phi3",
+            "spm",
+            {
+                "rope_parameters": LONGROPE,
+                "max_position_embeddings": 1024,
+                "original_max_position_embeddings": 512,
+            },
         ),
         ("mistral", "gpt-2", {"sliding_window": 128}),
         ("smollm3", "llama-bpe", {"num_hidden_layers": 4}),  # layer 3 without RoPE (NoPE)

@@ -95,6 +95,48 @@ def llama3_rope_factors(config: Config) -> np.ndarray | None:
     return (inv_freq / scaled).astype(np.float32)
 
 
+def _longrope(config: Config) -> bool:
+    return rope_type(config) in ("longrope", "su")
+
+
+def longrope_factors(kind: str) -> Callable[[Config], np.ndarray | None]:
+    """Phi-3's LongRoPE factor table `kind` (long or short) as llama.cpp reads it (`rope_factors_<kind>`): one
+    divisor per rotary frequency, as transformers divides them. llama.cpp picks the long table when its context
+    is longer than the original one, transformers when the sequence is; None without LongRoPE."""
+
+    def factors(config: Config) -> np.ndarray | None:
+        if not _longrope(config):
+            return None
+        return np.asarray(rope_scaling_value(config, f"{kind}_factor"), dtype=np.float32)
+
+    return factors
+
+
+def longrope_attn_factor(config: Config) -> float | None:
+    """LongRoPE's cos/sin scale, as transformers computes it (sqrt(1 + log(factor) / log(original context)),
+    factor the context over the original one unless given), for llama.cpp's rope.scaling.attn_factor."""
+    if not _longrope(config):
+        return None
+    explicit = rope_scaling_value(config, "attention_factor")
+    if explicit is not None:
+        return float(explicit)
+    original = float(rope_scaling_value(config, "original_max_position_embeddings"))
+    factor = rope_scaling_value(config, "factor") or config["max_position_embeddings"] / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def longrope_unsupported(config: Config) -> str | None:
+    """A LongRoPE table llama.cpp cannot take: one not of one factor per rotary frequency."""
+    if not _longrope(config):
+        return None
+    wanted = rotary_dims(config) // 2
+    for kind in ("long", "short"):
+        table = rope_scaling_value(config, f"{kind}_factor") or []
+        if len(table) != wanted:
+            return f"{kind}_factor has {len(table)} values, not one per rotary frequency ({wanted})"
+    return None
+
+
 def _yarn(config: Config) -> bool:
     return rope_type(config) == "yarn"
 
@@ -483,11 +525,23 @@ OLMO2_GGUF = GGUFPlan(
 # llama.cpp's `phi3` graph (Phi-3, Phi-3.5, Phi-4-mini): the checkpoint's fused query/key/value projection and
 # fused gate/up projection as they are (llama.cpp splits them the same way: q, k, v rows in turn; the first
 # half of gate_up gated by SiLU, times the second), NEOX RoPE over `partial_rotary_factor` of each head.
-# Phi-3's long-context RoPE (`longrope`, two factor tables) is not written: refused by key.
+# Phi-3's long-context RoPE (`longrope`, Phi-3 128k and Phi-4-mini) as two factor tables, written once (llama.cpp
+# shares them across blocks), and its attention factor.
 PHI3_GGUF = GGUFPlan(
     arch="phi3",
     hparams=tuple(h for h in LLAMA_HPARAMS if h.key != "{arch}.rope.dimension_count")
-    + (HParam("{arch}.rope.dimension_count", rotary_dims),),
+    + (
+        HParam("{arch}.rope.dimension_count", rotary_dims),
+        # LongRoPE (Phi-3 128k, Phi-4-mini): the original context decides llama.cpp's choice of table.
+        HParam(
+            "{arch}.rope.scaling.original_context_length",
+            lambda c: (
+                int(rope_scaling_value(c, "original_max_position_embeddings")) if _longrope(c) else None
+            ),
+            optional=True,
+        ),
+        HParam("{arch}.rope.scaling.attn_factor", longrope_attn_factor, "float32", optional=True),
+    ),
     tensors=_EDGE_RULES
     + (
         TensorRule(f"{_BLOCK}.input_layernorm.weight", "blk.{bid}.attn_norm.weight"),
@@ -496,8 +550,14 @@ PHI3_GGUF = GGUFPlan(
         TensorRule(f"{_BLOCK}.post_attention_layernorm.weight", "blk.{bid}.ffn_norm.weight"),
         TensorRule(f"{_BLOCK}.mlp.gate_up_proj.weight", "blk.{bid}.ffn_up.weight"),
         TensorRule(f"{_BLOCK}.mlp.down_proj.weight", "blk.{bid}.ffn_down.weight"),
+        TensorRule("<rope long factors>", "rope_factors_long.weight", generated=longrope_factors("long")),
+        TensorRule("<rope short factors>", "rope_factors_short.weight", generated=longrope_factors("short")),
     ),
-    checks=DEFAULT_ROPE_CHECKS,
+    checks=(
+        ConfigCheck(rope_type, ("default", "longrope", "su"), "RoPE scaling (rope_parameters.rope_type)"),
+        LLAMA_CHECKS[1],
+        ConfigCheck(longrope_unsupported, (None,), "LongRoPE (rope_parameters.long_factor, short_factor)"),
+    ),
     ignored=_IGNORED,
 )
 
