@@ -43,10 +43,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     """Every method a recipe stage can name (the stage registry), with its section and `train:` schema."""
     from toolkit.stages import section_hooks, stage_kinds
 
-    print(f"{'method':<12} {'section':<10} {'train: schema':<18} description")
-    for kind in stage_kinds().values():
+    kinds = stage_kinds().values()
+    width = max(12, *(len(kind.method) for kind in kinds))
+    print(f"{'method':<{width}} {'section':<10} {'train: schema':<18} description")
+    for kind in kinds:
         schema = kind.trainer.config.partition(":")[2] if kind.trainer else "-"
-        print(f"{kind.method:<12} {kind.section or '-':<10} {schema:<18} {kind.description}")
+        print(f"{kind.method:<{width}} {kind.section or '-':<10} {schema:<18} {kind.description}")
     hooks = section_hooks()
     if hooks:
         print(
