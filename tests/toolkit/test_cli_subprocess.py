@@ -141,6 +141,8 @@ def test_commands_that_need_no_model(tmp_path):
     assert all(f"{arch}-tiny" in out for arch in ARCHS)
     info = json.loads(toolkit("arch", "info", "decoder-125m", "--json", cwd=tmp_path).stdout)
     assert info["parameters"] == 109_529_856
+    lattice = toolkit("arch", "info", "lattice-15x15x11", cwd=tmp_path).stdout
+    assert "2,475 cells of 13,038 parameters: 32,269,050 in the cells" in lattice and "kv cache" in lattice
     shutil.copy(ROOT / "data/sft/train.jsonl", tmp_path / "sft.jsonl")
     assert toolkit("data", "check", "sft.jsonl", cwd=tmp_path).stdout.strip() == "sft.jsonl: ok"
     (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "robot", "content": "hi"}]}\n{oops\n')
