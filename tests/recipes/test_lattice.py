@@ -48,6 +48,7 @@ def test_the_recipe_end_to_end(tmp_path):
             "stages.lattice.distill.limit=64",
             "stages.lattice.distill.heldout_limit=20",
             f"stages.lattice.distill.cache_dir={tmp_path / 'embeddings'}",
+            "stages.lattice.model.config.dialogue_weight=0.5",  # the loss weights are the recipe's
             *more,
         ]
         return subprocess.run(
@@ -79,6 +80,7 @@ def test_the_recipe_end_to_end(tmp_path):
     assert (run / "lattice" / "plots" / "heldout_retrieval.png").exists()
     config = json.loads((run / "lattice" / "final" / "config.json").read_text())
     assert config["model_type"] == "lattice" and config["teacher"].endswith("teacher/final")
+    assert (config["dialogue_weight"], config["reconstruction_weight"]) == (0.5, 0.3)
     hub = json.loads((run / "hf" / "export_report.json").read_text())
     assert hub["ok"] and hub["verification"]["model"]["measures"]["max_abs_output_delta"] == 0
 
