@@ -27,9 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
-from toolkit.data.embeddings import POOLING, embedded_pairs, load_teacher, read_pairs
 from toolkit.errors import RecipeError
 from toolkit.io import write_json
 from toolkit.stages import StageContext, StageKind, StageOutcome, TrainerSpec, register_stage
@@ -54,6 +51,8 @@ class DistillOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.teacher, dict) or len(set(self.teacher) & {"path", "from"}) != 1:
             raise ValueError("teacher: give {path: FOLDER_OR_HUB_ID} or {from: EARLIER_STAGE}")
+        from toolkit.data.embeddings import POOLING
+
         if self.pooling not in POOLING:
             raise ValueError(f"pooling: one of {', '.join(POOLING)}, not {self.pooling!r}")
 
@@ -78,17 +77,20 @@ def heldout_measures(model: Any, questions: Any, answers: Any) -> dict[str, floa
     }
 
 
-class HeldoutCallback(TrainerCallback):
-    """Adds the held-out measures to the training log every `every` steps and at the last step (placed before
-    MetricsCallback, which writes them)."""
+def heldout_callback(questions: Any, answers: Any, every: int) -> Any:
+    """A Trainer callback that adds the held-out measures to the training log every `every` steps and at the
+    last step (placed before MetricsCallback, which writes them). Built here rather than at import: this module
+    registers its stage whenever the stage registry loads, and transformers' trainer module takes seconds to
+    import."""
+    from transformers import TrainerCallback
 
-    def __init__(self, questions: Any, answers: Any, every: int) -> None:
-        self.questions, self.answers, self.every = questions, answers, max(1, every)
+    class HeldoutCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, model=None, **kwargs) -> None:
+            last = state.global_step >= state.max_steps
+            if logs is not None and "loss" in logs and (state.global_step % max(1, every) == 0 or last):
+                logs.update(heldout_measures(model, questions, answers))
 
-    def on_log(self, args, state, control, logs=None, model=None, **kwargs) -> None:
-        last = state.global_step >= state.max_steps
-        if logs is not None and "loss" in logs and (state.global_step % self.every == 0 or last):
-            logs.update(heldout_measures(model, self.questions, self.answers))
+    return HeldoutCallback()
 
 
 def teacher_source(ctx: StageContext) -> str:
@@ -102,6 +104,7 @@ def run(ctx: StageContext) -> StageOutcome:
     import torch
     from transformers import AutoModel, Trainer
 
+    from toolkit.data.embeddings import embedded_pairs, load_teacher, read_pairs
     from toolkit.models import build_config, register_auto_classes
     from toolkit.train.callbacks import MetricsCallback, ModelLogCallback, plot_stage
     from toolkit.train.trainer_stage import save_final, train, trainer_args
@@ -166,7 +169,7 @@ def run(ctx: StageContext) -> StageOutcome:
         train_dataset=datasets["train"],
         callbacks=[
             ModelLogCallback(),
-            HeldoutCallback(questions, answers, options["eval_every"]),
+            heldout_callback(questions, answers, options["eval_every"]),
             MetricsCallback(ctx.folder.metrics),
         ],
     )
@@ -232,4 +235,4 @@ register_stage(
     )
 )
 
-__all__ = ["DistillOptions", "HeldoutCallback", "heldout_measures", "run"]
+__all__ = ["DistillOptions", "heldout_callback", "heldout_measures", "run"]

@@ -26,6 +26,8 @@ def test_import_toolkit_and_the_gguf_exporter_import_no_torch_and_install_no_hoo
         "from toolkit.models import PRESETS\n"
         "from toolkit.models.plans import get_plan\n"
         "assert get_plan('codette').gguf.arch == 'starcoder2'\n"
+        "from toolkit.stages import load_plugins\n"
+        "load_plugins()  # every stage kind registered: what `toolkit methods` and a recipe's parse do first\n"
         "assert sys.meta_path == finders, sys.meta_path\n"
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
