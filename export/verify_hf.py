@@ -38,11 +38,9 @@ CHILD_TIMEOUT_S = 600
 
 def run_clean(folder: Path, *, remote_code: bool, adapter: Path | None = None) -> dict[str, Any]:
     """What `folder` (plus `adapter`) computes in a fresh interpreter that cannot import forge-toolkit."""
-    import torch
-
-    with tempfile.TemporaryDirectory(prefix="clean-load-") as tmp:
-        request = {
-            "folder": str(folder),
+    return _load_clean(
+        folder,
+        {
             "remote_code": remote_code,
             "adapter": str(adapter) if adapter else None,
             # An adapter folder that carries its own tokenizer (a LoRA run's final/ does) is read for it.
@@ -50,8 +48,22 @@ def run_clean(folder: Path, *, remote_code: bool, adapter: Path | None = None) -
             "prompts": PROMPTS,
             "conversation": CONVERSATION,
             "greedy_tokens": GREEDY_TOKENS,
-            "out": str(Path(tmp) / "result.pt"),
-        }
+        },
+    )
+
+
+def _load_clean(
+    folder: Path, request: dict[str, Any], inputs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run export/clean_load.py on `folder` with `request` (and `inputs` saved beside it for the child to
+    read), in a private work folder; its result, or an ExportError saying why the folder did not load."""
+    import torch
+
+    with tempfile.TemporaryDirectory(prefix="clean-load-") as tmp:
+        request = {**request, "folder": str(folder), "out": str(Path(tmp) / "result.pt")}
+        if inputs is not None:
+            torch.save(inputs, Path(tmp) / "inputs.pt")
+            request["inputs"] = str(Path(tmp) / "inputs.pt")
         try:
             proc = run_child(Path(sys.executable), CHILD, request, Path(tmp), timeout=CHILD_TIMEOUT_S)
         except subprocess.TimeoutExpired as error:
@@ -106,8 +118,7 @@ def reference(
         # comparison measures the rewrite, not the rounding (which is reported on its own).
         with torch.no_grad():
             before = [model(input_ids=torch.tensor([row])).logits[0] for row in ids]
-            for param in model.parameters():
-                param.copy_(param.to(getattr(torch, dtype)).float())
+            round_weights(model, dtype)
             after = [model(input_ids=torch.tensor([row])).logits[0] for row in ids]
         rounding = max(float((a - b).abs().max()) for a, b in zip(before, after, strict=True))
     if adapter is not None:
@@ -179,6 +190,14 @@ def compare(source: dict[str, Any], exported: dict[str, Any], expected_class: st
         _check("greedy_identical", float(source["greedy"] == exported["greedy"]), "==", 1.0),
         _check("tokenization_identical", float(source["ids"] == exported["ids"]), "==", 1.0),
         _check("chat_template_identical", float(source["chat_ids"] == exported["chat_ids"]), "==", 1.0),
+        *_loading_checks(exported, expected_class),
+    ]
+    return _section(exported, expected_class, checks, source["rounding"], greedy_tokens=GREEDY_TOKENS)
+
+
+def _loading_checks(exported: dict[str, Any], expected_class: str) -> list[dict[str, Any]]:
+    """What every clean load must show: the expected class, without forge-toolkit, every checkpoint name used."""
+    return [
         _check(
             "expected_class_loaded",
             float(bool(re.fullmatch(expected_class, exported["loaded_class"]))),
@@ -188,13 +207,18 @@ def compare(source: dict[str, Any], exported: dict[str, Any], expected_class: st
         _check("loads_without_forge_toolkit", float(not exported["project_importable"]), "==", 1.0),
         _check("checkpoint_names_match", float(not exported["loading_problems"]), "==", 1.0),
     ]
+
+
+def _section(
+    exported: dict[str, Any], expected_class: str, checks: list[dict[str, Any]], rounding: float, **extra: Any
+) -> dict[str, Any]:
+    """The report section of one verified folder."""
     return {
         "loaded_class": exported["loaded_class"],
         "loading_problems": exported["loading_problems"],
         "expected_class": expected_class,
-        "greedy_tokens": GREEDY_TOKENS,
-        "measures": {c["measure"]: c["value"] for c in checks}
-        | {"dtype_rounding_max_abs": source["rounding"]},
+        **extra,
+        "measures": {c["measure"]: c["value"] for c in checks} | {"dtype_rounding_max_abs": rounding},
         "checks": checks,
         "ok": all(c["ok"] for c in checks),
     }
@@ -220,6 +244,15 @@ def verify_folder(
     return compare(source, exported, expected_class)
 
 
+def round_weights(model: Any, dtype: str) -> None:
+    """Round `model`'s float32 weights to `dtype` and back, in place: the values a `dtype` export holds."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(getattr(torch, dtype)).float())
+
+
 def model_outputs(model: Any, inputs: dict[str, Any]) -> dict[str, Any]:
     """Every tensor field of `model(**inputs)`, by name (a ModelOutput of a model that is not a language model)."""
     import torch
@@ -242,56 +275,23 @@ def verify_outputs(folder: Path, source_folder: Path, *, dtype: str, expected_cl
     model = AutoModel.from_pretrained(source_folder, dtype=torch.float32).eval()
     inputs = model.dummy_inputs
     exact = model_outputs(model, inputs)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(param.to(getattr(torch, dtype)).float())
+    round_weights(model, dtype)
     expected = model_outputs(model, inputs)
     rounding = max(float((exact[k] - expected[k]).abs().max()) for k in expected)
-    with tempfile.TemporaryDirectory(prefix="clean-load-") as tmp:
-        torch.save(inputs, Path(tmp) / "inputs.pt")
-        request = {
-            "kind": "outputs",
-            "folder": str(folder),
-            "remote_code": True,
-            "inputs": str(Path(tmp) / "inputs.pt"),
-            "out": str(Path(tmp) / "result.pt"),
-        }
-        try:
-            proc = run_child(Path(sys.executable), CHILD, request, Path(tmp), timeout=CHILD_TIMEOUT_S)
-        except subprocess.TimeoutExpired as error:
-            raise ExportError(f"loading {folder} in a clean process took over {CHILD_TIMEOUT_S} s") from error
-        if proc.returncode != 0:
-            tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
-            raise ExportError(f"{folder} does not load without forge-toolkit:\n{tail}")
-        exported = torch.load(request["out"], weights_only=True)
+    exported = _load_clean(folder, {"kind": "outputs", "remote_code": True}, inputs)
     outputs = exported["outputs"]
     same_fields = sorted(outputs) == sorted(expected)
     delta = (
-        max(float((expected[k] - outputs[k]).abs().max()) for k in expected)
-        if same_fields and all(expected[k].shape == outputs[k].shape for k in expected)
+        max_abs_delta([expected[k] for k in expected], [outputs[k] for k in expected])
+        if same_fields
         else float("inf")
     )
     checks = [
         _check("max_abs_output_delta", delta, "<=", MAX_ABS_LOGIT_DELTA),
         _check("same_output_fields", float(same_fields), "==", 1.0),
-        _check(
-            "expected_class_loaded",
-            float(bool(re.fullmatch(expected_class, exported["loaded_class"]))),
-            "==",
-            1.0,
-        ),
-        _check("loads_without_forge_toolkit", float(not exported["project_importable"]), "==", 1.0),
-        _check("checkpoint_names_match", float(not exported["loading_problems"]), "==", 1.0),
+        *_loading_checks(exported, expected_class),
     ]
-    return {
-        "loaded_class": exported["loaded_class"],
-        "loading_problems": exported["loading_problems"],
-        "expected_class": expected_class,
-        "outputs": sorted(expected),
-        "measures": {c["measure"]: c["value"] for c in checks} | {"dtype_rounding_max_abs": rounding},
-        "checks": checks,
-        "ok": all(c["ok"] for c in checks),
-    }
+    return _section(exported, expected_class, checks, rounding, outputs=sorted(expected))
 
 
 def source_reference(
