@@ -535,6 +535,9 @@ def write_gguf(
         writer.write_ti_data_to_file()
         assert writer.fout is not None and len(writer.fout) == 1  # no sharding requested
         fout = writer.fout[0]
+        ggml_rows = None  # K-quant files: ggml quantizes every non-float tensor
+        if spec.llama_cpp:
+            from export.llama_cpp import quantize_rows as ggml_rows
         with ExitStack() as stack:
             handles = {
                 file: stack.enter_context(open(file, "rb"))
@@ -545,12 +548,8 @@ def write_gguf(
                 stored = checkpoint.tensors.get(job.source)
                 handle = handles[stored.file] if stored is not None else None
                 for block in checkpoint.blocks(job, config, handle):
-                    if spec.llama_cpp and job.qtype not in FLOAT_TYPES:
-                        from export.llama_cpp import quantize_rows
-
-                        quantize_rows(block.reshape(-1, job.shape[-1]), int(job.qtype), n_threads).tofile(
-                            fout
-                        )
+                    if ggml_rows is not None and job.qtype not in FLOAT_TYPES:
+                        ggml_rows(block.reshape(-1, job.shape[-1]), int(job.qtype), n_threads).tofile(fout)
                     else:
                         gguf.quants.quantize(block, job.qtype).tofile(fout)
                 writer.write_padding(fout, job.nbytes)

@@ -209,23 +209,6 @@ TRAINING_BYTES_PER_PARAM = {
 }
 
 
-def _weights_only_estimate(n: int) -> dict[str, Any]:
-    training = {
-        regime: {part: size * n for part, size in parts.items()}
-        for regime, parts in TRAINING_BYTES_PER_PARAM.items()
-    }
-    for parts in training.values():
-        parts["total"] = sum(parts.values())
-    return {
-        "parameters": n,
-        "context": 0,
-        "stack_applications": 1,
-        "kv_tokens": 0,
-        "inference": {dtype: {"weights": n * size, "kv_cache": 0} for dtype, size in BYTES_PER_PARAM.items()},
-        "training": training,
-    }
-
-
 def memory_estimate(config: PreTrainedConfig) -> dict[str, Any]:
     """Memory needed to run and to train `config`, in bytes.
 
@@ -235,21 +218,24 @@ def memory_estimate(config: PreTrainedConfig) -> dict[str, Any]:
     moments (2+2+4+8). Activations depend on batch and sequence length and are left out.
     """
     n = count_parameters(config)
-    if getattr(config, "num_attention_heads", None) is None:  # not a language model: no context, no KV cache
-        return _weights_only_estimate(n)
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    context = getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0)
-    # One KV slot per block application: a recursive architecture (cognate) names how many it fills
-    # (`cache_layers`); a sliding window keeps only its last tokens.
-    slots = getattr(config, "cache_layers", None) or config.num_hidden_layers
-    kept = min(context, getattr(config, "sliding_window", None) or context)
-    kv_values = 2 * slots * kv_heads * head_dim * kept
-    # A recurrent memory keeps fixed-size state per slot (cognate: two memory_dim^2 matrices per head).
-    state_values = slots * 2 * getattr(config, "memory_heads", 0) * getattr(config, "memory_dim", 0) ** 2
+    # A model that is not a language model (the lattice) has no context and no cache.
+    context, stack_applications, kept, cache_values = 0, 1, 0, 0
+    if getattr(config, "num_attention_heads", None) is not None:
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        context = getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0)
+        # One KV slot per block application: a recursive architecture (cognate) names how many it fills
+        # (`cache_layers`); a sliding window keeps only its last tokens.
+        slots = getattr(config, "cache_layers", None) or config.num_hidden_layers
+        stack_applications = slots // config.num_hidden_layers
+        kept = min(context, getattr(config, "sliding_window", None) or context)
+        kv_values = 2 * slots * kv_heads * head_dim * kept
+        # A recurrent memory keeps fixed-size state per slot (cognate: two memory_dim^2 matrices per head).
+        state_values = slots * 2 * getattr(config, "memory_heads", 0) * getattr(config, "memory_dim", 0) ** 2
+        cache_values = kv_values + state_values
     # The KV cache stays 16-bit for 16-bit and quantized weights (what llama.cpp and vLLM do by default).
     inference = {
-        dtype: {"weights": n * size, "kv_cache": (kv_values + state_values) * (4 if size == 4 else 2)}
+        dtype: {"weights": n * size, "kv_cache": cache_values * (4 if size == 4 else 2)}
         for dtype, size in BYTES_PER_PARAM.items()
     }
     training = {
@@ -262,7 +248,7 @@ def memory_estimate(config: PreTrainedConfig) -> dict[str, Any]:
         "parameters": n,
         "context": context,
         # Times the block stack runs per token (1 for a plain decoder), and the tokens each KV slot keeps.
-        "stack_applications": slots // config.num_hidden_layers,
+        "stack_applications": stack_applications,
         "kv_tokens": kept,
         "inference": inference,
         "training": training,

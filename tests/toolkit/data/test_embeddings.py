@@ -66,34 +66,21 @@ def test_embedded_pairs_are_cached_and_the_teacher_runs_once(make_teacher, tmp_p
         calls.append(1)
         return load_teacher(str(teacher))
 
-    first, hit = embedded_pairs(
-        str(teacher),
-        pairs,
-        pooling="mean",
-        max_length=32,
-        batch_size=4,
-        cache_dir=tmp_path / "c",
-        teacher=load,
-    )
+    def embedded(pooling: str):
+        return embedded_pairs(
+            str(teacher),
+            pairs,
+            pooling=pooling,
+            max_length=32,
+            batch_size=4,
+            cache_dir=tmp_path / "c",
+            teacher=load,
+        )
+
+    first, hit = embedded("mean")
     assert not hit and len(calls) == 1 and len(first[0]["question_embeddings"]) == 64
-    again, hit = embedded_pairs(
-        str(teacher),
-        pairs,
-        pooling="mean",
-        max_length=32,
-        batch_size=4,
-        cache_dir=tmp_path / "c",
-        teacher=load,
-    )
+    again, hit = embedded("mean")
     assert hit and len(calls) == 1  # read from the Arrow file, no teacher
     assert again[:]["answer_embeddings"] == first[:]["answer_embeddings"]
-    _, hit = embedded_pairs(
-        str(teacher),
-        pairs,
-        pooling="last",
-        max_length=32,
-        batch_size=4,
-        cache_dir=tmp_path / "c",
-        teacher=load,
-    )
+    _, hit = embedded("last")
     assert not hit and len(calls) == 2  # another pooling is another file
