@@ -1,6 +1,6 @@
 """Rebuild the datasets shipped in data/, byte for byte.
 
-    python data/build_data.py                # task datasets: sft/, preference/, rl/, eval/
+    python data/build_data.py                # task datasets: sft/, thoughts/, preference/, rl/, eval/
     python data/build_data.py --debs DIR     # also corpus/, from the Debian packages in DIR
 
 The task datasets come from `toolkit/data/tasks.py` with fixed seeds. The corpus needs the two Debian
@@ -41,6 +41,19 @@ def _load_tasks():
 
 tasks = _load_tasks()
 
+
+def _load_thoughts():
+    # thoughts.py reads the task families from toolkit.data.tasks: the module loaded above stands in for it.
+    sys.modules.setdefault("toolkit.data.tasks", tasks)
+    spec = importlib.util.spec_from_file_location("forge_thoughts", TASKS_PY.parent / "thoughts.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+thoughts = _load_thoughts()
+
 # One seed per file, so growing one file never changes another.
 SEEDS = {
     "sft": 1,
@@ -53,6 +66,7 @@ SEEDS = {
     "tools": 8,
     "perspectives": 9,
     "unpaired": 10,
+    "thoughts": 11,
     "eval": 1000,
 }
 SIZES = {
@@ -146,6 +160,9 @@ def build_task_files() -> list[dict]:
             }
         )
     write_jsonl(DATA / "preference" / "unpaired.jsonl", unpaired_rows)
+
+    # The SFT problems again, each answer with a reasoning trace in the thought-token format.
+    write_jsonl(DATA / "thoughts" / "train.jsonl", thoughts.make_traces(sft, SEEDS["thoughts"]))
 
     rl = tasks.make_examples(SIZES["rl"], SEEDS["rl"])
     write_jsonl(

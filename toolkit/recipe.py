@@ -73,14 +73,16 @@ class Stage:
     peft: dict[str, Any] | None = None
     eval: dict[str, Any] | None = None
     options: Any = None
+    sections: dict[str, Any] = field(default_factory=dict)  # the kind's further sections, by key
 
     def to_dict(self) -> dict[str, Any]:
         """The stage as the recipe would write it (its section under its own key)."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "options" and v not in (None, {})}
+        skip = ("options", "sections")
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip and v not in (None, {})}
         section = get_stage(self.method).section
         if section and self.options is not None:
             out[section] = self.options
-        return out
+        return {**out, **self.sections}
 
 
 @dataclass
@@ -286,6 +288,8 @@ def _parse_stage(raw: Any, index: int, earlier: list[Stage], where: str, problem
             problems.add(f"{at}.peft: staged BitNet quantization trains the model's own weights; drop peft:")
     if kind.section:
         stage.options = _parse_section(raw.get(kind.section), kind.schema, f"{at}.{kind.section}", problems)
+    for key, schema in kind.sections:
+        stage.sections[key] = _parse_section(raw.get(key), schema, f"{at}.{key}", problems)
     return stage
 
 
@@ -350,6 +354,17 @@ def _parse_model(
         hint = f" (did you mean '{guess}'?)" if guess else ""
         problems.add(f"{at}.model.preset: unknown preset '{model['preset']}'{hint}")
     added = model.get("add_special_tokens", [])
+    if isinstance(added, str):  # a named set: `thoughts` is the twelve thought tokens (toolkit.data.thoughts)
+        from toolkit.data.thoughts import TOKEN_SET_NAMES
+
+        if added in TOKEN_SET_NAMES:
+            added = model["add_special_tokens"] = list(TOKEN_SET_NAMES[added])
+        else:
+            problems.add(
+                f"{at}.model.add_special_tokens: unknown token set {added!r} (sets: {', '.join(TOKEN_SET_NAMES)}); "
+                "or give a list of token strings"
+            )
+            added = []
     if not isinstance(added, list) or not all(isinstance(t, str) and t for t in added):
         problems.add(f"{at}.model.add_special_tokens: give a list of token strings, got {added!r}")
     multiple = model.get("pad_vocab_to_multiple_of", 1)
@@ -466,6 +481,7 @@ def check_inputs(recipe: Recipe, problems: Problems) -> None:
                         problems.add(f"{at}.data.{key}[{i}]: {problem}")
         sections = [("eval", stage.eval, hooks["eval"].schema if "eval" in hooks else None)]
         sections.append((kind.section, stage.options, kind.schema))
+        sections += [(key, stage.sections.get(key), schema) for key, schema in kind.sections]
         for section, values, schema in sections:
             for key, path in _input_files(values, schema):
                 if not Path(path).is_file():

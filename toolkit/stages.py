@@ -58,6 +58,8 @@ class TrainerSpec:
     model_class: str = "causal_lm"
     # Logged measures of the method to plot beside loss, learning rate and grad norm, one figure per group.
     plots: tuple[tuple[str, ...], ...] = ()
+    # "module:function" (StageContext, model, tokenizer) -> Trainer callbacks of the method (checks while training)
+    callbacks: str | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ class StageKind:
     # (raw, where, problems) -> value for sections that are no mapping).
     section: str | None = None
     schema: type | Callable[..., Any] | str | None = None
+    # Further sections of its own: (recipe key, schema) pairs, their values in `Stage.sections`.
+    sections: tuple[tuple[str, type | Callable[..., Any] | str], ...] = ()
     produces_model: bool = False
     produces_tokenizer: bool = False  # its `final/` is a tokenizer a later preset model takes by default
     data_kind: str | None = None  # the canonical row kind of toolkit.data its `data:` rows become
@@ -83,7 +87,8 @@ class StageKind:
 
     @property
     def recipe_keys(self) -> set[str]:
-        return {"name", "method", *self.keys, *([self.section] if self.section else [])}
+        own = [self.section] if self.section else []
+        return {"name", "method", *self.keys, *own, *(key for key, _ in self.sections)}
 
 
 @dataclass(frozen=True)

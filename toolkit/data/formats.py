@@ -227,7 +227,20 @@ def _from_sharegpt(row: Mapping, problems: Problems) -> dict:
 
 
 def _from_messages(row: Mapping, problems: Problems) -> dict:
-    return {"messages": _conversation(row.get("messages"), "messages", problems, last="assistant")}
+    messages = _conversation(row.get("messages"), "messages", problems, last="assistant")
+    _check_thoughts(messages or [], "messages", problems)
+    return {"messages": messages}
+
+
+def _check_thoughts(messages: list[Message], field: str, problems: Problems) -> None:
+    """Answers written in the thought-token format (`toolkit.data.thoughts`) must be well formed: an unknown or
+    unclosed tag would teach the model a broken format."""
+    from toolkit.data.thoughts import has_thought, thought_problems
+
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if message.get("role") == "assistant" and isinstance(content, str) and has_thought(content):
+            problems.extend(f"{field}[{i}].content: {p}" for p in thought_problems(content))
 
 
 def _from_preference(row: Mapping, problems: Problems) -> dict:

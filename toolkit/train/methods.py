@@ -280,3 +280,5 @@ register_stage(
 
 # Distilling a teacher's embeddings into a student that is not a language model (the lattice): its own module.
 importlib.import_module("toolkit.train.distill")
+# Thought tokens: baking the format in, RL on thoughts with the anti-theater checks.
+importlib.import_module("toolkit.train.thought_stages")

@@ -86,7 +86,21 @@ BUILTINS: dict[str, tuple[Callable[..., list[float]], tuple[str, ...]]] = {
     "format": (answer_format, ()),
     "length": (length, ()),
 }
+# Built-ins made per stage from its model and tokenizer, by a factory (model, tokenizer) -> function: the thought
+# rewards read the thought tokens, which TRL's decoded `completions` no longer hold (it skips special tokens),
+# from `completion_ids`; `thought_gain` scores the right answer with the policy itself (Quiet-STaR).
+BOUND_BUILTINS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "thought_answer": ("toolkit.train.thoughts:answer_reward", ("answer",)),
+    "thought_format": ("toolkit.train.thoughts:format_reward", ()),
+    "thought_gain": ("toolkit.train.thoughts:gain_reward", ("answer",)),
+}
+BUILTIN_NAMES = (*BUILTINS, *BOUND_BUILTINS)
 REWARD_KEYS = {"builtin", "function", "model", "weight", "name"}
+
+
+def builtin_columns(name: str) -> tuple[str, ...]:
+    """The dataset columns a built-in reward reads."""
+    return BUILTINS[name][1] if name in BUILTINS else BOUND_BUILTINS[name][1]
 
 
 def parse_rewards(raw: Any, at: str, problems: Problems) -> list[dict[str, Any]]:
@@ -104,15 +118,15 @@ def _entry_problem(entry: dict[str, Any], where: str) -> str | None:
     kinds = [k for k in ("builtin", "function", "model") if k in entry]
     if len(kinds) != 1:
         return (
-            f"{where}: give one of 'builtin' ({', '.join(BUILTINS)}), 'function' (module:function) or "
+            f"{where}: give one of 'builtin' ({', '.join(BUILTIN_NAMES)}), 'function' (module:function) or "
             "'model' (a reward stage or folder)"
         )
     if "model" in entry and (not isinstance(entry["model"], str) or not entry["model"]):
         return f"{where}.model: give a stage name or a folder, got {entry['model']!r}"
-    if "builtin" in entry and entry["builtin"] not in BUILTINS:
-        guess = nearest(str(entry["builtin"]), BUILTINS)
+    if "builtin" in entry and entry["builtin"] not in BUILTIN_NAMES:
+        guess = nearest(str(entry["builtin"]), BUILTIN_NAMES)
         hint = f" (did you mean '{guess}'?)" if guess else ""
-        return f"{where}.builtin: unknown reward '{entry['builtin']}'{hint}; built-ins: {', '.join(BUILTINS)}"
+        return f"{where}.builtin: unknown reward '{entry['builtin']}'{hint}; built-ins: {', '.join(BUILTIN_NAMES)}"
     if "function" in entry and (not isinstance(entry["function"], str) or ":" not in entry["function"]):
         return f"{where}.function: give 'module:function', got {entry['function']!r}"
     return None
@@ -129,9 +143,15 @@ def _parse_reward(entry: Any, where: str, problems: Problems) -> dict[str, Any]:
     return {**entry, "weight": float(weight)}
 
 
-def reward_function(entry: dict[str, Any]) -> Callable[..., list[float | None]]:
-    """The callable an entry names, with the name TRL logs its reward under (`rewards/<name>/mean`)."""
-    if "builtin" in entry:
+def reward_function(
+    entry: dict[str, Any], model: Any = None, tokenizer: Any = None
+) -> Callable[..., list[float | None]]:
+    """The callable an entry names, with the name TRL logs its reward under (`rewards/<name>/mean`); a bound
+    built-in is made for `model` and `tokenizer`."""
+    if entry.get("builtin") in BOUND_BUILTINS:
+        fn = resolve(BOUND_BUILTINS[entry["builtin"]][0])(model, tokenizer)
+        name = entry.get("name") or entry["builtin"]
+    elif "builtin" in entry:
         fn = BUILTINS[entry["builtin"]][0]
         name = entry.get("name") or entry["builtin"]
     else:
@@ -174,7 +194,7 @@ def trainer_rewards(ctx: StageContext, model: Any, tokenizer: Any, peft_config: 
     tokenizers: list[Any] = []
     for i, entry in enumerate(ctx.stage.options or []):
         if "model" not in entry:
-            funcs.append(reward_function(entry))
+            funcs.append(reward_function(entry, model, tokenizer))
             tokenizers.append(None)
             continue
         path = reward_model_path(entry["model"], ctx.run_folder.path, ctx.recipe)
@@ -226,11 +246,13 @@ def preflight(stage: Any, at: str, problems: Problems, recipe: Any = None) -> No
             _model_problem(entry["model"], stage, where, problems, recipe)
             continue
         if "builtin" in entry:
-            missing = [c for c in BUILTINS[entry["builtin"]][1] if c not in columns]
+            missing = [c for c in builtin_columns(entry["builtin"]) if c not in columns]
             if missing:
                 problems.add(
                     f"{where}: {entry['builtin']} needs the column `{missing[0]}`; {path} has {listed}"
                 )
+                continue
+            if entry["builtin"] in BOUND_BUILTINS:  # made from the stage's model; tested with the toolkit
                 continue
         try:
             fn = reward_function(entry)

@@ -436,6 +436,7 @@ def build_trainer(
     args = fit_hardware(ctx, model, tokenizer, args)
     adapter = peft_config(stage, model)
     extras = resolve(spec.extras)(ctx, model, tokenizer, adapter) if spec.extras else {}
+    checks = resolve(spec.callbacks)(ctx, model, tokenizer) if spec.callbacks else []
     trainer = with_model_loss(resolve(spec.trainer), model)(
         model=model,
         args=args,
@@ -447,6 +448,7 @@ def build_trainer(
             ModelLogCallback(),
             MetricsCallback(ctx.folder.metrics, step_offset),
             *optimizer_callbacks(stage),
+            *checks,
         ],
         **extras,
     )
