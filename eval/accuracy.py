@@ -1,7 +1,9 @@
 """Accuracy on checkable tasks: greedy answers to held-out prompts, scored by exact match.
 
 The prompts go through the model's own chat template, as a user would send them; scoring is
-`toolkit.data.tasks.score`, the same rule that built the data.
+`toolkit.data.tasks.score`, the same rule that built the data. A model baked with thought tokens
+(`toolkit.data.thoughts`) is scored on the answer after its thought, and again with the thought ablated (an
+empty thought forced before the answer): accuracy both ways, and the share of answers in the thought format.
 """
 
 from __future__ import annotations
@@ -12,7 +14,17 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from toolkit.data.tasks import score_answers
+from toolkit.data.thoughts import (
+    EMPTY_THOUGHT,
+    decode_with_thoughts,
+    has_thought_tokens,
+    is_well_formed,
+    shown,
+)
 from toolkit.data.tokenizer import end_of_turn_ids
+
+# New tokens a thought may take on top of the answer's `max_new_tokens`, for models with thought tokens.
+THOUGHT_BUDGET = 96
 
 
 @torch.no_grad()
@@ -22,8 +34,15 @@ def generate_answers(
     prompts: list[str],
     max_new_tokens: int = 24,
     batch_size: int = 32,
+    show_thoughts: bool = False,
+    answer_prefix: str = "",
 ) -> list[str]:
-    """Greedy answers to single-turn user prompts, decoded without special tokens."""
+    """Greedy answers to single-turn user prompts, decoded without special tokens. A model with thought
+    tokens thinks first (THOUGHT_BUDGET more tokens): its answers are what follows the thought, or the whole
+    completion with `show_thoughts`. `answer_prefix` is forced after the prompt (e.g. an empty thought)."""
+    thinking = has_thought_tokens(tokenizer)
+    if thinking:
+        max_new_tokens += THOUGHT_BUDGET
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -35,6 +54,7 @@ def generate_answers(
                 tokenizer.apply_chat_template(
                     [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
                 )
+                + answer_prefix
                 for p in prompts[start : start + batch_size]
             ]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
@@ -48,7 +68,11 @@ def generate_answers(
                 pad_token_id=tokenizer.pad_token_id,
             )
             new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+            if thinking:
+                texts = [answer_prefix + decode_with_thoughts(tokenizer, ids) for ids in new_tokens.tolist()]
+                answers += [shown(t, show_thoughts) for t in texts]
+            else:
+                answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -117,10 +141,33 @@ def task_accuracy(
     max_new_tokens: int = 24,
     batch_size: int = 32,
     samples: int = 5,
+    show_thoughts: bool = False,
 ) -> dict[str, Any]:
-    """Overall and per-task accuracy on rows `{"task", "prompt", "answer"}`, with the first `samples` answers."""
-    predictions = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+    """Overall and per-task accuracy on rows `{"task", "prompt", "answer"}`, with the first `samples` answers.
+    A model with thought tokens is also scored with its thoughts ablated (`accuracy_without_thoughts`), and
+    `thought_format` is the share of its completions in the format; its samples carry the thought with
+    `show_thoughts`."""
+    prompts = [r["prompt"] for r in rows]
+    if not has_thought_tokens(tokenizer):
+        predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+        return {
+            **score_answers(rows, predictions, samples),
+            "answer_nll": answer_nll(model, tokenizer, rows, batch_size),
+        }
+    completions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, show_thoughts=True)
+    predictions = [shown(c, False) for c in completions]
+    ablated = generate_answers(
+        model, tokenizer, prompts, max_new_tokens, batch_size, answer_prefix=EMPTY_THOUGHT
+    )
+    result = score_answers(rows, predictions, samples)
+    without = score_answers(rows, [shown(a, False) for a in ablated], 0)
+    if show_thoughts:
+        for sample, completion in zip(result["samples"], completions, strict=False):
+            sample["completion"] = completion
     return {
-        **score_answers(rows, predictions, samples),
+        **result,
+        "accuracy_without_thoughts": without["accuracy"],
+        "per_task_without_thoughts": without["per_task"],
+        "thought_format": sum(map(is_well_formed, completions)) / max(len(completions), 1),
         "answer_nll": answer_nll(model, tokenizer, rows, batch_size),
     }

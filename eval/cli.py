@@ -37,7 +37,13 @@ def run_eval(args: argparse.Namespace) -> int:
             "a checkable-task file evaluates one model; lm-eval tasks and --perplexity take several"
         )
     model, tokenizer = load_model_folder(model_folder_of(args.model[0])[0])
-    options = EvalOptions(tasks=args.tasks, perplexity=args.perplexity, limit=args.limit, stride=args.stride)
+    options = EvalOptions(
+        tasks=args.tasks,
+        perplexity=args.perplexity,
+        limit=args.limit,
+        stride=args.stride,
+        show_thoughts=args.show_thoughts,
+    )
     result = evaluate_model(model, tokenizer, asdict(options))
     print_result(json.dumps(result, indent=2))
     return 0
@@ -234,5 +240,11 @@ def register_commands(groups: dict[str, Any]) -> None:
         action="store_true",
         help="distinct-n, repetition and length of generations for --prompts, attention entropy heat-map "
         "(on --perplexity texts, else the prompts), parameters, FLOPs/token, tokens/s, memory",
+    )
+    evaluate.add_argument(
+        "--show-thoughts",
+        action="store_true",
+        help="a model with thought tokens: print its whole completions, thoughts included (accuracy is "
+        "reported with thoughts and with them ablated either way)",
     )
     evaluate.set_defaults(func=run_eval)

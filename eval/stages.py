@@ -42,6 +42,7 @@ class EvalOptions:
     batch_size: int = 32
     samples: int = 5  # answers kept in eval.json to read
     before: bool = False  # also the stage's starting model, before it trains (kept under "before")
+    show_thoughts: bool = False  # a thought model's samples carry its whole completion, thought included
 
 
 def load_model_folder(folder: str | Path) -> tuple[Any, Any]:
@@ -72,6 +73,7 @@ def evaluate_model(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str
             max_new_tokens=spec["max_new_tokens"],
             batch_size=spec["batch_size"],
             samples=spec["samples"],
+            show_thoughts=spec.get("show_thoughts", False),
         )
     if spec["perplexity"]:
         texts = [r["text"] for r in read_jsonl(spec["perplexity"])]

@@ -140,6 +140,26 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from toolkit.chat import chat, load
+    from toolkit.run_folder import model_folder_of
+
+    model, tokenizer = load(str(model_folder_of(args.model)[0]), args.trust_remote_code)
+    interactive = not args.prompt and sys.stdin.isatty()
+    if interactive:
+        print("one message per line; Ctrl-D ends", file=sys.stderr)
+    chat(
+        model,
+        tokenizer,
+        args.prompt or sys.stdin,
+        show_thoughts=args.show_thoughts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        history=not args.prompt,  # each --prompt is asked on its own
+    )
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from toolkit.runs import compare, compare_text, find_runs, run_folder, run_row, runs_table
 
@@ -359,6 +379,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--format", default="auto")
     check.add_argument("--kind", default=None, help="text, messages, preference or prompt")
     check.set_defaults(func=cmd_data_check)
+
+    talk = commands.add_parser(
+        "chat", help="talk to a model (folder, stage or run) through its chat template"
+    )
+    talk.add_argument("model", help="model folder, stage folder or run folder")
+    talk.add_argument("--prompt", action="append", help="ask this and exit (repeatable; default: read stdin)")
+    talk.add_argument(
+        "--show-thoughts",
+        action="store_true",
+        help="print a thought-token model's thoughts before its answers",
+    )
+    talk.add_argument("--max-new-tokens", type=int, default=128)
+    talk.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    talk.add_argument("--trust-remote-code", action="store_true", help="run the folder's own modelling code")
+    talk.set_defaults(func=cmd_chat)
 
     # Commands of the other packages of the distribution (export, eval), through their entry points: nothing
     # here imports them.

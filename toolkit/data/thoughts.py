@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from toolkit.data.tasks import TASKS, parse_prompt
 
@@ -131,6 +132,32 @@ def with_thought(thought: str, answer: str) -> str:
 
 
 EMPTY_THOUGHT = THOUGHT_START + THOUGHT_END  # the ablation: the same answer position with nothing thought
+
+
+# --- with a tokenizer ------------------------------------------------------------------------------------
+
+
+def has_thought_tokens(tokenizer: Any) -> bool:
+    """Whether the tokenizer carries the outer thought tokens (a model baked with thoughts)."""
+    vocab = tokenizer.get_vocab()
+    return THOUGHT_START in vocab and THOUGHT_END in vocab
+
+
+def decode_with_thoughts(tokenizer: Any, ids: list[int]) -> str:
+    """Token ids as text with the thought tokens kept and every other special token (end of turn, padding)
+    dropped: `skip_special_tokens=True`, as TRL and most generation code decode, drops the thought tokens too."""
+    from toolkit.data.tokenizer import end_of_turn_ids
+
+    keep = {tokenizer.convert_tokens_to_ids(t) for t in THOUGHT_TOKENS}
+    # End-of-turn tokens may be added tokens that are not in `all_special_ids` (the toolkit's ChatML ones).
+    special = {i for i, added in tokenizer.added_tokens_decoder.items() if added.special}
+    drop = (set(tokenizer.all_special_ids) | special | set(end_of_turn_ids(tokenizer))) - keep
+    return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
+
+
+def shown(text: str, show_thoughts: bool) -> str:
+    """A completion as a user sees it: whole with `show_thoughts`, else only the answer after the thought."""
+    return text.strip() if show_thoughts else split_thought(text).answer
 
 
 # --- traces for the checkable tasks ---------------------------------------------------------------------

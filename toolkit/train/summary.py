@@ -21,15 +21,26 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
     reports = [r for r in results if r.eval and "report" in r.eval]
     if evaluated:
         tasks = sorted({t for r in evaluated for t in r.eval.get("tasks", {}).get("per_task", {})})
-        header = ["stage", "accuracy", "answer nll", "perplexity", *tasks]
+        # Models with thought tokens are also scored with the thought ablated (an empty thought).
+        thinking = any("accuracy_without_thoughts" in m.get("tasks", {}) for _, m in _evaluations(evaluated))
+        header = [
+            "stage",
+            "accuracy",
+            *(["no thoughts"] if thinking else []),
+            "answer nll",
+            "perplexity",
+            *tasks,
+        ]
         rows = []
         for name, measured in _evaluations(evaluated):
             acc = measured.get("tasks", {})
             ppl = measured.get("perplexity", {}).get("perplexity")
+            ablated = acc.get("accuracy_without_thoughts")
             rows.append(
                 [
                     name,
                     f"{acc['accuracy']:.3f}" if acc else "-",
+                    *([f"{ablated:.3f}" if ablated is not None else "-"] if thinking else []),
                     f"{acc['answer_nll']:.3f}" if "answer_nll" in acc else "-",
                     f"{ppl:.2f}" if ppl else "-",
                     *(f"{acc.get('per_task', {}).get(t, float('nan')):.2f}" for t in tasks),
@@ -48,6 +59,7 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
                         lines.append(f"     {name:>{width}}: {answers[i]['prediction'][:70]!r}")
             lines.append("")
     lines += _rewards(RunFolder(run_dir), results)
+    lines += _thoughts(results)
     for r in results:
         if r.eval and r.eval.get("vllm"):
             lines += [
@@ -114,6 +126,32 @@ def _rewards(run: RunFolder, results: list[StageResult], window: int = 10) -> li
             f"{mean(last, 'reward'):.3f} (last {len(last)}); groups with zero reward variance "
             f"{mean(first, 'frac_reward_zero_std'):.0%} -> {mean(last, 'frac_reward_zero_std'):.0%}"
         )
+    return [*lines, ""] if lines else []
+
+
+def _thoughts(results: list[StageResult]) -> list[str]:
+    """Thought stages: whether baking reached the format bound, and the anti-theater verdict."""
+    lines = []
+    for r in results:
+        baked = (r.eval or {}).get("thoughts")
+        if baked:
+            verdict = "passed" if baked["passed"] else "NOT reached"
+            lines.append(
+                f"{r.name}: thought format accuracy {baked['format_accuracy']:.2f} at step {baked['step']} "
+                f"(bound {baked['bound']}): {verdict}; answers right {baked['accuracy']:.2f}"
+            )
+        theater = (r.eval or {}).get("theater")
+        if theater:
+            measured = (
+                f"accuracy with thoughts {theater['accuracy']:.3f}, thought ablated {theater['accuracy_ablated']:.3f} "
+                f"(gain {theater['ablation_gain']:+.3f}); divergence {theater['divergence']:.2f}; "
+                f"dependence {theater['dependence']:.2f}"
+            )
+            if theater["theater"]:
+                lines.append(f"{r.name}: THEATER: the thoughts do not carry the answers: {measured}")
+                lines += [f"  {reason}" for reason in theater["reasons"]]
+            else:
+                lines.append(f"{r.name}: thoughts matter (anti-theater checks passed): {measured}")
     return [*lines, ""] if lines else []
 
 

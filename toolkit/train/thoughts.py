@@ -41,6 +41,7 @@ from toolkit.data.thoughts import (
     THOUGHT_END,
     THOUGHT_START,
     THOUGHT_TOKENS,
+    decode_with_thoughts,
     split_thought,
     thought_problems,
 )
@@ -62,17 +63,7 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def decode(tokenizer: Any, ids: list[int]) -> str:
-    """Token ids as text with the thought tokens kept and every other special token (end of turn, padding)
-    dropped: TRL and `generate` callers decode with `skip_special_tokens=True`, which drops the thought too."""
-    keep = {tokenizer.convert_tokens_to_ids(t) for t in THOUGHT_TOKENS}
-    drop = set(tokenizer.all_special_ids) - keep
-    return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
-
-
-def has_thought_tokens(tokenizer: Any) -> bool:
-    """Whether the tokenizer carries the thought tokens as special tokens."""
-    vocab = tokenizer.get_vocab()
-    return all(t in vocab for t in (THOUGHT_START, THOUGHT_END))
+    return decode_with_thoughts(tokenizer, ids)
 
 
 def generate_ids(
