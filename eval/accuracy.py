@@ -16,15 +16,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from toolkit.data.tasks import score_answers
 from toolkit.data.thoughts import (
     EMPTY_THOUGHT,
+    THOUGHT_BUDGET,
     decode_with_thoughts,
     has_thought_tokens,
     is_well_formed,
     shown,
 )
 from toolkit.data.tokenizer import end_of_turn_ids
-
-# New tokens a thought may take on top of the answer's `max_new_tokens`, for models with thought tokens.
-THOUGHT_BUDGET = 96
 
 
 @torch.no_grad()

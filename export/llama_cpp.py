@@ -348,6 +348,42 @@ def chat_answers(
     return answers
 
 
+def chat_completions(
+    path: Path, prompts: list[str], max_tokens: int = 24, n_threads: int | None = None
+) -> list[str]:
+    """Greedy completions from the GGUF in llama.cpp with its control tokens rendered: what `chat_answers`
+    gets, but with the thought tokens (`[thinking]` ... `[/endthinking]`) kept in the text, which llama.cpp's
+    chat completion leaves out. The prompt is rendered by the file's own chat template (llama-cpp-python's
+    Jinja2 formatter) and tokenized with special tokens parsed; generation stops at the file's
+    end-of-generation tokens."""
+    llama_cpp = _llama_cpp()
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    threads = n_threads or default_threads()
+    with quiet():
+        llm = llama_cpp.Llama(
+            model_path=str(path), n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False
+        )
+    piece = lambda token: llm.detokenize([token], special=True).decode("utf-8", errors="replace")  # noqa: E731
+    formatter = Jinja2ChatFormatter(
+        template=llm.metadata["tokenizer.chat_template"],
+        eos_token=piece(llm.token_eos()),
+        bos_token=piece(llm.token_bos()) if llm.token_bos() >= 0 else "",
+    )
+    completions = []
+    for prompt in prompts:
+        text = formatter(messages=[{"role": "user", "content": prompt}]).prompt
+        tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
+        out: list[int] = []
+        with quiet():
+            for token in llm.generate(tokens, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+                if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or len(out) >= max_tokens:
+                    break
+                out.append(token)
+        completions.append(llm.detokenize(out, special=True).decode("utf-8", errors="replace").strip())
+    return completions
+
+
 def llama_logits(llm: Any, ids: list[int]):  # -> np.ndarray
     """llama.cpp's logits (float32, one row per position) for the token ids `ids`, from an empty cache; `llm`
     loaded with `load_for_verification` (logits for every position)."""

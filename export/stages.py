@@ -47,12 +47,36 @@ class ExportOptions:
             )
 
 
+def gguf_task_scores(
+    path: Any, source: Any, rows: list[dict[str, Any]], options: dict[str, Any]
+) -> dict[str, Any]:
+    """Held-out answers from llama.cpp, scored. A model with thought tokens thinks first (more tokens), its
+    control tokens rendered so that the answer after the thought is what is scored, and the thought is shown
+    in the samples with `show_thoughts`."""
+    from transformers import AutoTokenizer
+
+    from export.llama_cpp import chat_answers
+    from toolkit.data.tasks import score_answers
+    from toolkit.data.thoughts import has_thought_tokens, is_well_formed, shown
+
+    prompts = [r["prompt"] for r in rows]
+    if not has_thought_tokens(AutoTokenizer.from_pretrained(source)):
+        return score_answers(rows, chat_answers(path, prompts, options["max_new_tokens"]), options["samples"])
+    from export.llama_cpp import chat_completions
+    from toolkit.data.thoughts import THOUGHT_BUDGET
+
+    completions = chat_completions(path, prompts, options["max_new_tokens"] + THOUGHT_BUDGET)
+    scored = score_answers(rows, [shown(c, False) for c in completions], options["samples"])
+    if options.get("show_thoughts"):
+        for sample, completion in zip(scored["samples"], completions, strict=False):
+            sample["completion"] = completion
+    return {**scored, "thought_format": sum(map(is_well_formed, completions)) / max(len(completions), 1)}
+
+
 def run_export(ctx: StageContext) -> StageOutcome:
     """GGUF + Modelfile of the `model.from` stage, verified; then `eval.tasks` through llama.cpp. A missed
     verification bound stops the run: an unverified file is not a result."""
-    from export.llama_cpp import chat_answers
     from export.ollama import export_ollama
-    from toolkit.data.tasks import score_answers
     from toolkit.train.runner import distributed_state
 
     if not distributed_state().is_main_process:
@@ -79,12 +103,13 @@ def run_export(ctx: StageContext) -> StageOutcome:
         "gguf": str(result.gguf.path),
         "verification": (result.gguf.report or {}).get("measures"),
     }
+    if bitnet := (result.gguf.report or {}).get("bitnet"):
+        evaluation["bitnet"] = bitnet  # ternary share, zero weights, compression against float32
     options = ctx.stage.eval  # the eval package's EvalOptions, every field present
     if options and options["tasks"]:
         rows = read_jsonl(options["tasks"])[: options["limit"]]
-        answers = chat_answers(result.gguf.path, [r["prompt"] for r in rows], options["max_new_tokens"])
         evaluation["tasks"] = {
-            **score_answers(rows, answers, options["samples"]),
+            **gguf_task_scores(result.gguf.path, source, rows, options),
             "runtime": "llama.cpp",
         }
     details = {"gguf": str(result.gguf.path), "modelfile": str(result.modelfile)}

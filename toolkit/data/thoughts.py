@@ -132,6 +132,8 @@ def with_thought(thought: str, answer: str) -> str:
 
 
 EMPTY_THOUGHT = THOUGHT_START + THOUGHT_END  # the ablation: the same answer position with nothing thought
+# New tokens a thought may take on top of an answer's token budget, when a model with thought tokens answers.
+THOUGHT_BUDGET = 96
 
 
 # --- with a tokenizer ------------------------------------------------------------------------------------

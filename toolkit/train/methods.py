@@ -282,3 +282,5 @@ register_stage(
 importlib.import_module("toolkit.train.distill")
 # Thought tokens: baking the format in, RL on thoughts with the anti-theater checks.
 importlib.import_module("toolkit.train.thought_stages")
+# The run's phases in one markdown file (the Agent Forge pipeline ends with it).
+importlib.import_module("toolkit.train.phases")

@@ -23,6 +23,9 @@ class BakeOptions:
     check_every: int = 25  # steps
     format_bound: float = 0.85  # share of well-formed answers that ends the baking
     stop_at_bound: bool = True
+    min_steps: int = (
+        0  # train at least this long before the bound may stop it (the format comes before the answers)
+    )
     max_new_tokens: int = 64
 
 

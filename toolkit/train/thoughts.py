@@ -256,12 +256,17 @@ class FormatCallback(TrainerCallback):
         with self.metrics.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         passed = measured["format_accuracy"] >= self.options.format_bound
+        first = next(
+            (r["step"] for r in self.history if r["thoughts/format_accuracy"] >= self.options.format_bound),
+            None,
+        )
         write_json(
             self.report,
             {
                 **measured,
                 "bound": self.options.format_bound,
                 "passed": passed,
+                "first_passed_at": first,  # the first check at or over the bound
                 "step": state.global_step,
                 "history": self.history,
             },
@@ -271,7 +276,8 @@ class FormatCallback(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.is_world_process_zero and state.global_step % self.options.check_every == 0:
             measured = self._check(state, model)
-            if self.options.stop_at_bound and measured["format_accuracy"] >= self.options.format_bound:
+            reached = measured["format_accuracy"] >= self.options.format_bound
+            if self.options.stop_at_bound and reached and state.global_step >= self.options.min_steps:
                 control.should_training_stop = True
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:

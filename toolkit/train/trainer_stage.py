@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from toolkit.data.tokenizer import end_of_turn_ids
-from toolkit.errors import RecipeError, ToolkitError
+from toolkit.errors import RecipeError, ToolkitError, unknown_key_message
 from toolkit.io import write_text
 from toolkit.recipe import TOOLKIT_TRAIN_KEYS, Stage
 from toolkit.run_folder import read_metrics
@@ -193,12 +193,31 @@ def load_pretrained(
     for key in ("dtype", "attn_implementation", "revision", "quantization_config"):
         if spec.get(key):
             kwargs[key] = spec[key]
+    if spec.get("config"):
+        kwargs["config"] = overridden_config(source, spec, where)
     try:
         return auto.from_pretrained(source, **kwargs)
     except ImportError as error:  # bitsandbytes missing, or too old for this machine
         raise ToolkitError(f"{where}.quantization: {error}") from None
     except (OSError, ValueError) as error:
         raise ToolkitError(f"{where}: cannot load '{source}': {error}") from None
+
+
+def overridden_config(source: str, spec: dict[str, Any], where: str) -> Any:
+    """A pretrained model's config with `model.config` set over it: the keys that change how the model runs
+    (cognate's recursion depth, halting, attention window), never its weights' shapes, which the weights were
+    trained at (a shape change is refused by name when the weights load)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        source, trust_remote_code=bool(spec.get("trust_remote_code", False)), revision=spec.get("revision")
+    )
+    known = config.to_dict()
+    for key, value in spec["config"].items():
+        if key not in known:
+            raise RecipeError(unknown_key_message(key, known, f"{where}.config ({config.model_type} config)"))
+        setattr(config, key, value)
+    return config
 
 
 def load_model(
@@ -231,8 +250,6 @@ def load_model(
         load_pretrained(resolve_model_path(stage, run_dir), spec, f"stages.{stage.name}.model", model_class),
         stage,
     )
-    if spec.get("config"):
-        raise RecipeError(f"stages.{stage.name}.model.config: config overrides apply only to a preset")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         # Tokens added to the tokenizer need embedding rows; transformers starts them at the mean of the
         # existing rows (and the tied or separate LM head with them), so they begin as an average token.

@@ -116,7 +116,8 @@ def test_recipe_token_set_and_sections_are_checked():
     )
     assert recipe.to_dict()["stages"][3]["theater"]["limit"] == 16  # written back to the run's recipe.yaml
     with pytest.raises(
-        RecipeError, match=r"unknown key 'min_divergance' in .*: stages.think.theater \(did you mean 'min_divergence'\?\)"
+        RecipeError,
+        match=r"unknown key 'min_divergance' in .*: stages.think.theater \(did you mean 'min_divergence'\?\)",
     ):
         load(ROOT / "recipes/thoughts.yaml", overrides=["stages.think.theater.min_divergance=0.2"])
     with pytest.raises(RecipeError, match=r"unknown reward 'thought_gian' \(did you mean 'thought_gain'\?\)"):
