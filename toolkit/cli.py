@@ -45,10 +45,13 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
     kinds = stage_kinds().values()
     width = max(12, *(len(kind.method) for kind in kinds))
-    print(f"{'method':<{width}} {'section':<10} {'train: schema':<18} description")
+    print(f"{'method':<{width}} {'sections':<16} {'train: schema':<18} description")
     for kind in kinds:
         schema = kind.trainer.config.partition(":")[2] if kind.trainer else "-"
-        print(f"{kind.method:<{width}} {kind.section or '-':<10} {schema:<18} {kind.description}")
+        own = (
+            ", ".join([*([kind.section] if kind.section else []), *(key for key, _ in kind.sections)]) or "-"
+        )
+        print(f"{kind.method:<{width}} {own:<16} {schema:<18} {kind.description}")
     hooks = section_hooks()
     if hooks:
         print(

@@ -174,7 +174,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 node = node.setdefault(part, {})
             if not isinstance(node, dict | list):
                 raise RecipeError(f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a mapping")
-        node[parts[-1]] = read_yaml(value)
+        try:
+            node[parts[-1]] = read_yaml(value)
+        except yaml.YAMLError as error:  # e.g. a flow mapping cut by the shell: `a={b: 1, c:` ...
+            reason = str(getattr(error, "problem", None) or error).strip()
+            raise RecipeError(
+                f"override '{item}': the value is not YAML ({reason}); quote it for the shell"
+            ) from None
     return raw
 
 

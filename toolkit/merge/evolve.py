@@ -207,9 +207,23 @@ def neutral_genome(techniques: tuple[str, str, str], models: int, layers: int) -
     )
 
 
-def starting_combinations() -> list[tuple[str, str, str]]:
-    """The 8 combinations of one technique from each pair."""
-    return list(itertools.product(*PAIRS.values()))
+def starting_combinations(pairs: dict[str, tuple[str, ...]] = PAIRS) -> list[tuple[str, str, str]]:
+    """The 8 combinations of one technique from each pair (4 where the layer path is frankenmerge only)."""
+    return list(itertools.product(*pairs.values()))
+
+
+def technique_pairs(folder: str | Path) -> dict[str, tuple[str, ...]]:
+    """The techniques the models in `folder`'s family take: all of PAIRS, except DFS for an architecture that
+    declares no residual-writing layers (its input scales would have no weights to fold into, e.g. cognate,
+    whose blocks read sums of streams): its layer paths are frankenmerges."""
+    from toolkit.merge.dfs import residual_writers
+
+    model_type = json.loads((Path(folder) / "config.json").read_text()).get("model_type", "")
+    try:
+        residual_writers(model_type)
+    except ToolkitError:
+        return {**PAIRS, "layers": ("frankenmerge",)}
+    return dict(PAIRS)
 
 
 def recipe_documents(
@@ -278,14 +292,16 @@ def diversity(genomes: list[Genome]) -> float:
     return statistics.fmean(distances)
 
 
-def mutate(genome: Genome, rng: random.Random, rate: float, sigma: float) -> Genome:
+def mutate(
+    genome: Genome, rng: random.Random, rate: float, sigma: float, pairs: dict[str, tuple[str, ...]] = PAIRS
+) -> Genome:
     """Each gene moves by N(0, sigma) with probability `rate`; a technique flips with probability rate/4."""
     values = [
         min(1.0, max(0.0, v + rng.gauss(0, sigma))) if rng.random() < rate else v for v in genome.vector()
     ]
     child = genome.with_vector(values)
-    for pair, choices in PAIRS.items():
-        if rng.random() < rate / 4:
+    for pair, choices in pairs.items():
+        if rng.random() < rate / 4 and len(choices) > 1:
             setattr(child, pair, choices[1 - choices.index(getattr(child, pair))])
     return child
 
@@ -315,7 +331,10 @@ def tournament(scored: list[tuple[Genome, float]], rng: random.Random, size: int
 
 
 def next_generation(
-    scored: list[tuple[Genome, float]], options: EvolveOptions, rng: random.Random
+    scored: list[tuple[Genome, float]],
+    options: EvolveOptions,
+    rng: random.Random,
+    pairs: dict[str, tuple[str, ...]] = PAIRS,
 ) -> list[Genome]:
     """Elite kept, losers merged in threes, the rest children of tournament winners (crossover + mutation)."""
     ranked = [g for g, _ in sorted(scored, key=lambda pair: pair[1], reverse=True)]
@@ -327,24 +346,26 @@ def next_generation(
             # Averaged genes of genomes that differ in little but their techniques would repeat one of them:
             # a light mutation keeps the slot a new candidate.
             merged = merge_genomes(losers[start : start + 3])
-            children.append(mutate(merged, rng, options.mutation_rate, options.mutation_sigma / 2))
+            children.append(mutate(merged, rng, options.mutation_rate, options.mutation_sigma / 2, pairs))
     bred = len(children)
     while len(children) < population:
         a = tournament(scored, rng, options.tournament)
         b = tournament(scored, rng, options.tournament)
-        children.append(mutate(crossover(a, b, rng), rng, options.mutation_rate, options.mutation_sigma))
+        children.append(
+            mutate(crossover(a, b, rng), rng, options.mutation_rate, options.mutation_sigma, pairs)
+        )
     # Below the diversity floor, the newest children give way to random immigrants (elite and merged losers
     # stay): a population of near-clones has stopped searching.
     replaceable = list(range(population - 1, bred - 1, -1))
     while replaceable and diversity(children) < options.diversity_floor:
-        children[replaceable.pop(0)] = random_genome(children[0], rng)
+        children[replaceable.pop(0)] = random_genome(children[0], rng, pairs)
     return children
 
 
-def random_genome(template: Genome, rng: random.Random) -> Genome:
+def random_genome(template: Genome, rng: random.Random, pairs: dict[str, tuple[str, ...]] = PAIRS) -> Genome:
     """Uniform genes and a random technique per pair, of `template`'s sizes."""
     child = template.with_vector([rng.random() for _ in template.vector()])
-    for pair, choices in PAIRS.items():
+    for pair, choices in pairs.items():
         setattr(child, pair, rng.choice(choices))
     return child
 
@@ -460,6 +481,11 @@ class Evolution:
         self.fitness = Fitness(options.fitness)
         self.evaluations: dict[str, dict[str, Any]] = {}
         self.log = print
+        self.pairs = technique_pairs(base)
+        if self.pairs["layers"] != PAIRS["layers"]:
+            self.log(
+                "evolve: no DFS layer paths for this architecture (no residual-writing layers): frankenmerge only"
+            )
 
     # -- evaluation -------------------------------------------------------------------------------------
     def _load_evaluations(self) -> None:
@@ -569,7 +595,7 @@ class Evolution:
                     "combination": best_genome.combination,
                 }
             if strategy is None:
-                population = next_generation(scored, self.options, rng)
+                population = next_generation(scored, self.options, rng, self.pairs)
             elif generation == 0:
                 strategy.start(best_genome)
                 population = []
@@ -590,13 +616,14 @@ class Evolution:
     def first_generation(self, rng: random.Random) -> list[Genome]:
         """The 8 combinations at neutral settings; a population above 8 adds mutants of them. A population
         below 8 is reached after generation 0, which always scores all 8."""
-        combos = [neutral_genome(c, len(self.models), self.layers) for c in starting_combinations()]
+        combos = [neutral_genome(c, len(self.models), self.layers) for c in starting_combinations(self.pairs)]
         extra = [
             mutate(
                 combos[i % len(combos)],
                 rng,
                 max(self.options.mutation_rate, 0.5),
                 self.options.mutation_sigma,
+                self.pairs,
             )
             for i in range(max(0, self.options.population - len(combos)))
         ]
@@ -632,6 +659,7 @@ class Evolution:
             "beats_every_parent": all(record["fitness"] > f for f in parents.values()),
         }
         state["combinations_used"] = sorted({r["combination"] for r in self.evaluations.values()})
+        state["combinations_possible"] = len(starting_combinations(self.pairs))
         for folder in (self.out, champion):  # the champion carries how it was found
             write_text(folder / "report.md", report_table(state))
 
@@ -712,7 +740,7 @@ def report_table(state: dict[str, Any]) -> str:
         "",
         f"Fitness gain over the best parent: {gain:+.1f}%; over the best starting combination: "
         f"{champion['gain_over_initial_best_pct']:+.1f}%. Combinations tried: {len(state['combinations_used'])} of "
-        "8. Answer nll: nats per token of the right answers, mean over the task families (lower is better).",
+        f"{state.get('combinations_possible', 8)}. Answer nll: nats per token of the right answers, mean over the task families (lower is better).",
     ]
     per_family = {n: p["measures"].get("per_task_nll") for n, p in state["parents"].items()}
     per_family["champion"] = champion["measures"].get("per_task_nll")
