@@ -126,3 +126,36 @@ def test_chat_and_eval_hide_or_show_thoughts(run):
     result = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
     assert {"accuracy", "accuracy_without_thoughts"} <= set(result["tasks"])
     assert all("completion" in s for s in result["tasks"]["samples"])
+
+
+@pytest.mark.parametrize("target", ["vllm", "hf"])
+def test_vllm_and_hub_folders_keep_the_thought_token_ids(run, tmp_path, target):
+    from transformers import AutoTokenizer
+
+    out, _ = run
+    folder = tmp_path / target
+    # --verify-in clean: transformers in a fresh process; the vLLM suite serves such folders in vLLM itself.
+    verify = ["--verify-in", "clean"] if target == "vllm" else []
+    done = subprocess.run(
+        [TOOLKIT, "export", target, str(out / "think" / "final"), "--out", str(folder), *verify],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    source = AutoTokenizer.from_pretrained(out / "think" / "final")
+    exported = AutoTokenizer.from_pretrained(folder)
+    trace = "[thinking]<step>7 + 5 = 12</step><mece>one case</mece>[/endthinking]12"
+    assert exported(trace)["input_ids"] == source(trace)["input_ids"]
+    for token in THOUGHT_TOKENS:
+        assert exported.convert_tokens_to_ids(token) == source.convert_tokens_to_ids(token)
+    assert json.loads((folder / "export_report.json").read_text())["ok"]
+
+
+def test_the_gguf_answers_through_llama_cpp_after_its_thought(run):
+    out, _ = run
+    tasks = json.loads((out / "gguf" / "eval.json").read_text())["tasks"]
+    assert tasks["runtime"] == "llama.cpp" and "thought_format" in tasks
+    think = json.loads((out / "think" / "eval.json").read_text())["tasks"]
+    # greedy in both; q8_0 may flip a near tie, so the scores are close, not equal
+    assert abs(tasks["accuracy"] - think["accuracy"]) <= 0.34
