@@ -128,7 +128,8 @@ def test_chat_and_eval_hide_or_show_thoughts(run):
     assert all("completion" in s for s in result["tasks"]["samples"])
 
 
-@pytest.mark.parametrize("target", ["vllm", "hf"])
+# ids other than "vllm": the suite skips every test with a `vllm` keyword outside the vLLM environment
+@pytest.mark.parametrize("target", ["vllm", "hf"], ids=["vllm-folder", "hub-folder"])
 def test_vllm_and_hub_folders_keep_the_thought_token_ids(run, tmp_path, target):
     from transformers import AutoTokenizer
 

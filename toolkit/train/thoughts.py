@@ -62,10 +62,6 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def decode(tokenizer: Any, ids: list[int]) -> str:
-    return decode_with_thoughts(tokenizer, ids)
-
-
 def generate_ids(
     model: Any,
     tokenizer: Any,
@@ -125,7 +121,7 @@ def answers_after(
     """Greedy answers continuing each prefix (a prompt and a closed thought)."""
     stops = _stops(tokenizer)
     return [
-        decode(tokenizer, ids).strip()
+        decode_with_thoughts(tokenizer, ids).strip()
         for ids in generate_ids(model, tokenizer, prefixes, max_new_tokens, stops)
     ]
 
@@ -138,7 +134,7 @@ def format_reward(model: Any, tokenizer: Any) -> Any:
     unknown tag, an answer after it), else 0.0."""
 
     def thought_format(completion_ids: list[list[int]], **_: Any) -> list[float]:
-        return [float(not thought_problems(decode(tokenizer, ids))) for ids in completion_ids]
+        return [float(not thought_problems(decode_with_thoughts(tokenizer, ids))) for ids in completion_ids]
 
     return thought_format
 
@@ -148,7 +144,7 @@ def answer_reward(model: Any, tokenizer: Any) -> Any:
 
     def thought_answer(completion_ids: list[list[int]], answer: list[str], **_: Any) -> list[float]:
         return [
-            float(score(split_thought(decode(tokenizer, ids)).answer, right))
+            float(score(split_thought(decode_with_thoughts(tokenizer, ids)).answer, right))
             for ids, right in zip(completion_ids, answer, strict=True)
         ]
 
@@ -221,7 +217,7 @@ def format_check(
     """Greedy answers to `rows`: the share in the thought format, and the share whose answer is right."""
     prefixes = [encode(tokenizer, prompt_text(tokenizer, r["prompt"])) for r in rows]
     texts = [
-        decode(tokenizer, ids)
+        decode_with_thoughts(tokenizer, ids)
         for ids in generate_ids(model, tokenizer, prefixes, max_new_tokens, _stops(tokenizer))
     ]
     well_formed = [not thought_problems(t) for t in texts]
@@ -235,56 +231,78 @@ def format_check(
     }
 
 
-class FormatCallback(TrainerCallback):
-    """Every `check_every` steps and at the end: the format accuracy, logged to metrics.jsonl; stops training
-    once it reaches the bound (when `stop_at_bound`)."""
+class PeriodicCheck(TrainerCallback):
+    """A measure of the model every `check_every` steps and once at the end: its numbers logged to the stage's
+    metrics.jsonl under `prefix/` (plotted with the stage), the whole result written to the stage's report."""
+
+    prefix = ""
+    options_class: type = object
 
     def __init__(self, options: dict[str, Any], tokenizer: Any, metrics: Path, report: Path) -> None:
-        self.options = BakeOptions(**options)
+        self.options = self.options_class(**options)
         self.tokenizer = tokenizer
         self.metrics, self.report = metrics, report
         self.rows = _rows(self.options.tasks, self.options.limit)
         self.history: list[dict[str, Any]] = []
 
-    def _check(self, state: Any, model: Any) -> dict[str, Any]:
-        measured = format_check(model, self.tokenizer, self.rows, self.options.max_new_tokens)
-        record = {
-            "step": state.global_step,
-            **{f"thoughts/{k}": v for k, v in measured.items() if k != "samples"},
-        }
-        self.history.append(record)
+    def measure(self, model: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def summary(self, measured: dict[str, Any]) -> dict[str, Any]:
+        """What the report holds beside the measures."""
+        return {}
+
+    def after(self, measured: dict[str, Any], state: Any, control: Any) -> None:
+        """What a check decides for the training (nothing by default)."""
+
+    def check(self, state: Any, model: Any) -> dict[str, Any]:
+        measured = self.measure(model)
+        numbers = {k: float(v) for k, v in measured.items() if isinstance(v, (int, float))}
+        self.history.append(
+            {"step": state.global_step, **{f"{self.prefix}/{k}": v for k, v in numbers.items()}}
+        )
         with self.metrics.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        passed = measured["format_accuracy"] >= self.options.format_bound
-        first = next(
-            (r["step"] for r in self.history if r["thoughts/format_accuracy"] >= self.options.format_bound),
-            None,
-        )
-        write_json(
-            self.report,
-            {
-                **measured,
-                "bound": self.options.format_bound,
-                "passed": passed,
-                "first_passed_at": first,  # the first check at or over the bound
-                "step": state.global_step,
-                "history": self.history,
-            },
-        )
+            handle.write(json.dumps(self.history[-1]) + "\n")
+        report = {**measured, **self.summary(measured), "step": state.global_step, "history": self.history}
+        write_json(self.report, report)
         return measured
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """A resumed stage keeps the checks made up to the step it resumes from."""
+        if self.report.exists() and state.global_step > 0:
+            earlier = json.loads(self.report.read_text()).get("history", [])
+            self.history = [h for h in earlier if h["step"] <= state.global_step]
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.is_world_process_zero and state.global_step % self.options.check_every == 0:
-            measured = self._check(state, model)
-            reached = measured["format_accuracy"] >= self.options.format_bound
-            if self.options.stop_at_bound and reached and state.global_step >= self.options.min_steps:
-                control.should_training_stop = True
+            self.after(self.check(state, model), state, control)
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.is_world_process_zero and (
             not self.history or self.history[-1]["step"] != state.global_step
         ):
-            self._check(state, model)
+            self.check(state, model)
+
+
+class FormatCallback(PeriodicCheck):
+    """Baking: the format accuracy; training stops once it reaches the bound (when `stop_at_bound`, after
+    `min_steps`)."""
+
+    prefix = "thoughts"
+    options_class = BakeOptions
+
+    def measure(self, model: Any) -> dict[str, Any]:
+        return format_check(model, self.tokenizer, self.rows, self.options.max_new_tokens)
+
+    def summary(self, measured: dict[str, Any]) -> dict[str, Any]:
+        bound = self.options.format_bound
+        first = next((r["step"] for r in self.history if r["thoughts/format_accuracy"] >= bound), None)
+        return {"bound": bound, "passed": measured["format_accuracy"] >= bound, "first_passed_at": first}
+
+    def after(self, measured: dict[str, Any], state: Any, control: Any) -> None:
+        reached = measured["format_accuracy"] >= self.options.format_bound
+        if self.options.stop_at_bound and reached and state.global_step >= self.options.min_steps:
+            control.should_training_stop = True
 
 
 # --- anti-theater ---------------------------------------------------------------------------------------
@@ -364,44 +382,27 @@ def theater_measures(
             f"dependence {dependence:.2f} < {options.min_dependence} (another prompt's thought changes few answers)"
         )
     sample = [
-        {"prompt": rows[i // k]["prompt"], "thought": decode(tokenizer, thoughts[i]), "answer": own[i]}
+        {
+            "prompt": rows[i // k]["prompt"],
+            "thought": decode_with_thoughts(tokenizer, thoughts[i]),
+            "answer": own[i],
+        }
         for i in range(0, min(n * k, 3 * k), k)
     ]
     return {**measures, "theater": bool(reasons), "reasons": reasons, "samples": sample}
 
 
-class TheaterCallback(TrainerCallback):
-    """The anti-theater checks every `check_every` steps and at the end, logged to metrics.jsonl (plotted) and
-    written to the stage's theater.json."""
+class TheaterCallback(PeriodicCheck):
+    """Thought RL: the anti-theater checks (theater.json, `theater/` measures plotted)."""
 
-    def __init__(self, options: dict[str, Any], tokenizer: Any, metrics: Path, report: Path) -> None:
-        self.options = TheaterOptions(**options)
-        self.tokenizer = tokenizer
-        self.metrics, self.report = metrics, report
-        self.rows = _rows(self.options.tasks, self.options.limit)
-        self.history: list[dict[str, Any]] = []
+    prefix = "theater"
+    options_class = TheaterOptions
 
-    def _check(self, state: Any, model: Any) -> None:
-        measured = theater_measures(model, self.tokenizer, self.rows, self.options)
-        numbers = {k: v for k, v in measured.items() if isinstance(v, (int, float))}
-        record = {"step": state.global_step, **{f"theater/{k}": float(v) for k, v in numbers.items()}}
-        self.history.append(record)
-        with self.metrics.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        write_json(
-            self.report,
-            {**measured, "step": state.global_step, "floors": asdict(self.options), "history": self.history},
-        )
+    def measure(self, model: Any) -> dict[str, Any]:
+        return theater_measures(model, self.tokenizer, self.rows, self.options)
 
-    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero and state.global_step % self.options.check_every == 0:
-            self._check(state, model)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero and (
-            not self.history or self.history[-1]["step"] != state.global_step
-        ):
-            self._check(state, model)
+    def summary(self, measured: dict[str, Any]) -> dict[str, Any]:
+        return {"floors": asdict(self.options)}
 
 
 # --- the two stage kinds (registered in toolkit.train.thought_stages) -----------------------------------
