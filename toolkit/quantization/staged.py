@@ -99,14 +99,21 @@ def check_options(options: dict[str, Any], eval_section: dict[str, Any] | None, 
 def layer_groups(model: torch.nn.Module, options: BitNetOptions) -> list[list[str]]:
     """The quantizable linear layers (toolkit.quantization.bitnet.plan_layers) in the order they are made
     ternary: `groups: N` splits the model's blocks (layers named `<prefix>.<index>`), in model order, into N
-    consecutive groups as evenly as they go; a list of pattern lists takes the layers each group names. A
-    layer no group names stays in full precision."""
+    consecutive groups as evenly as they go (a linear layer outside the blocks, such as cognate's halting head,
+    goes with the last group rather than making a group of its own); a list of pattern lists takes the layers
+    each group names. A layer no group names stays in full precision."""
     layers, _ = plan_layers(model, options.exclude)
     if isinstance(options.groups, int):
         blocks: dict[str, list[str]] = {}
+        loose = []
         for name in layers:
             match = BLOCK.match(name)
-            blocks.setdefault(match.group(1) if match else name, []).append(name)
+            if match:
+                blocks.setdefault(match.group(1), []).append(name)
+            else:
+                loose.append(name)
+        if not blocks:  # no numbered blocks at all: each layer is its own unit
+            blocks, loose = {name: [name] for name in loose}, []
         if options.groups > len(blocks):
             raise ToolkitError(
                 f"model.quantization.groups: {options.groups} groups of {len(blocks)} blocks "
@@ -119,6 +126,7 @@ def layer_groups(model: torch.nn.Module, options: BitNetOptions) -> list[list[st
             end = start + size + (index < extra)
             groups.append([layer for block in names[start:end] for layer in blocks[block]])
             start = end
+        groups[-1] += loose
         return groups
     groups, taken = [], {}
     for index, patterns in enumerate(options.groups or []):

@@ -44,6 +44,15 @@ def test_a_number_of_groups_splits_the_blocks_in_order():
         layer_groups(model, BitNetOptions(groups=5))
 
 
+def test_a_layer_outside_the_blocks_goes_with_the_last_group():
+    from transformers import AutoModelForCausalLM
+
+    cognate = AutoModelForCausalLM.from_config(build_config("cognate-tiny", vocab_size=64))
+    first, last = layer_groups(cognate, BitNetOptions(groups=2))  # two blocks and the halting head
+    assert {name.split(".")[2] for name in first} == {"0"} and last[-1] == "model.halt_head"
+    assert all(name.startswith("model.layers.1.") for name in last[:-1])
+
+
 def test_listed_groups_take_the_layers_they_name_once():
     model = decoder(layers=2)
     groups = layer_groups(model, BitNetOptions(groups=[["model.layers.1"], ["down_proj"]]))
