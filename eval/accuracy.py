@@ -19,7 +19,7 @@ from toolkit.data.thoughts import (
     THOUGHT_BUDGET,
     decode_with_thoughts,
     has_thought_tokens,
-    is_well_formed,
+    score_completions,
     shown,
 )
 from toolkit.data.tokenizer import end_of_turn_ids
@@ -153,19 +153,13 @@ def task_accuracy(
             "answer_nll": answer_nll(model, tokenizer, rows, batch_size),
         }
     completions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, show_thoughts=True)
-    predictions = [shown(c, False) for c in completions]
     ablated = generate_answers(
         model, tokenizer, prompts, max_new_tokens, batch_size, answer_prefix=EMPTY_THOUGHT
     )
-    result = score_answers(rows, predictions, samples)
     without = score_answers(rows, [shown(a, False) for a in ablated], 0)
-    if show_thoughts:
-        for sample, completion in zip(result["samples"], completions, strict=False):
-            sample["completion"] = completion
     return {
-        **result,
+        **score_completions(rows, completions, samples, show_thoughts),
         "accuracy_without_thoughts": without["accuracy"],
         "per_task_without_thoughts": without["per_task"],
-        "thought_format": sum(map(is_well_formed, completions)) / max(len(completions), 1),
         "answer_nll": answer_nll(model, tokenizer, rows, batch_size),
     }

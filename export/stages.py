@@ -55,22 +55,15 @@ def gguf_task_scores(
     in the samples with `show_thoughts`."""
     from transformers import AutoTokenizer
 
-    from export.llama_cpp import chat_answers
+    from export.llama_cpp import chat_answers, chat_completions
     from toolkit.data.tasks import score_answers
-    from toolkit.data.thoughts import has_thought_tokens, is_well_formed, shown
+    from toolkit.data.thoughts import THOUGHT_BUDGET, has_thought_tokens, score_completions
 
     prompts = [r["prompt"] for r in rows]
     if not has_thought_tokens(AutoTokenizer.from_pretrained(source)):
         return score_answers(rows, chat_answers(path, prompts, options["max_new_tokens"]), options["samples"])
-    from export.llama_cpp import chat_completions
-    from toolkit.data.thoughts import THOUGHT_BUDGET
-
     completions = chat_completions(path, prompts, options["max_new_tokens"] + THOUGHT_BUDGET)
-    scored = score_answers(rows, [shown(c, False) for c in completions], options["samples"])
-    if options.get("show_thoughts"):
-        for sample, completion in zip(scored["samples"], completions, strict=False):
-            sample["completion"] = completion
-    return {**scored, "thought_format": sum(map(is_well_formed, completions)) / max(len(completions), 1)}
+    return score_completions(rows, completions, options["samples"], options.get("show_thoughts", False))
 
 
 def run_export(ctx: StageContext) -> StageOutcome:

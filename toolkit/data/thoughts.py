@@ -162,6 +162,21 @@ def shown(text: str, show_thoughts: bool) -> str:
     return text.strip() if show_thoughts else split_thought(text).answer
 
 
+def score_completions(
+    rows: list[dict], completions: list[str], samples: int, show_thoughts: bool = False
+) -> dict[str, Any]:
+    """`score_answers` of the answers after the thoughts of a thought model's completions (whatever generated
+    them: transformers, llama.cpp), the share of completions in the format, and with `show_thoughts` the whole
+    completion beside each sample."""
+    from toolkit.data.tasks import score_answers
+
+    scored = score_answers(rows, [shown(c, False) for c in completions], samples)
+    if show_thoughts:
+        for sample, completion in zip(scored["samples"], completions, strict=False):
+            sample["completion"] = completion
+    return {**scored, "thought_format": sum(map(is_well_formed, completions)) / max(len(completions), 1)}
+
+
 # --- traces for the checkable tasks ---------------------------------------------------------------------
 
 

@@ -50,6 +50,30 @@ def _accuracy(measured: dict[str, Any]) -> str | None:
     return line
 
 
+def thought_lines(measured: dict[str, Any]) -> list[str]:
+    """A thought stage's verdicts as sentences (the run summary's and the phase report's): whether baking
+    reached the format bound, and the anti-theater verdict with its measures; the reasons for a THEATER
+    verdict follow, indented."""
+    lines = []
+    if baked := measured.get("thoughts"):
+        first = baked.get("first_passed_at")
+        lines.append(
+            f"thought format accuracy {baked['format_accuracy']:.2f} at step {baked['step']} (bound {baked['bound']}): "
+            + ("passed" if baked["passed"] else "NOT reached")
+            + (f", first at step {first}" if first is not None else "")
+            + f"; answers right {baked['accuracy']:.2f}"
+        )
+    if theater := measured.get("theater"):
+        verdict = "THEATER" if theater["theater"] else "the thoughts matter"
+        lines.append(
+            f"{verdict} (anti-theater: accuracy with thoughts {theater['accuracy']:.3f}, thought ablated "
+            f"{theater['accuracy_ablated']:.3f}, gain {theater['ablation_gain']:+.3f}; divergence "
+            f"{theater['divergence']:.2f}; dependence {theater['dependence']:.2f})"
+        )
+        lines += [f"  {reason}" for reason in theater.get("reasons", [])]
+    return lines
+
+
 def stage_lines(folder: Path, method: str) -> list[str]:
     """What one stage folder reports, as markdown lines."""
     lines: list[str] = []
@@ -65,24 +89,9 @@ def stage_lines(folder: Path, method: str) -> list[str]:
             lines.append(f"- accuracy change: {-drop:+.3f}")
     if (ppl := measured.get("perplexity", {}).get("perplexity")) is not None:
         lines.append(f"- perplexity {ppl:.2f}")
-    if baked := measured.get("thoughts"):
-        lines.append(
-            f"- thought format accuracy {baked['format_accuracy']:.2f} (bound {baked['bound']}): "
-            + ("passed" if baked["passed"] else "NOT reached")
-            + (
-                f", first at step {baked['first_passed_at']}"
-                if baked.get("first_passed_at") is not None
-                else ""
-            )
-        )
-    if theater := measured.get("theater"):
-        verdict = "THEATER" if theater["theater"] else "the thoughts matter"
-        lines.append(
-            f"- anti-theater: {verdict}: accuracy with thoughts {theater['accuracy']:.3f}, thought ablated "
-            f"{theater['accuracy_ablated']:.3f} (gain {theater['ablation_gain']:+.3f}), divergence "
-            f"{theater['divergence']:.2f}, dependence {theater['dependence']:.2f}"
-        )
-        lines += [f"  - {reason}" for reason in theater.get("reasons", [])]
+    lines += [
+        f"  - {line.strip()}" if line.startswith("  ") else f"- {line}" for line in thought_lines(measured)
+    ]
     if champion := measured.get("champion"):
         lines.append(
             f"- champion ({champion.get('combination')}): fitness {champion['fitness']:.4f}, "

@@ -148,11 +148,9 @@ def reward_function(
 ) -> Callable[..., list[float | None]]:
     """The callable an entry names, with the name TRL logs its reward under (`rewards/<name>/mean`); a bound
     built-in is made for `model` and `tokenizer`."""
-    if entry.get("builtin") in BOUND_BUILTINS:
-        fn = resolve(BOUND_BUILTINS[entry["builtin"]][0])(model, tokenizer)
-        name = entry.get("name") or entry["builtin"]
-    elif "builtin" in entry:
-        fn = BUILTINS[entry["builtin"]][0]
+    if "builtin" in entry:
+        bound = BOUND_BUILTINS.get(entry["builtin"])
+        fn = resolve(bound[0])(model, tokenizer) if bound else BUILTINS[entry["builtin"]][0]
         name = entry.get("name") or entry["builtin"]
     else:
         # A module beside the recipe run is found as `python -m` would find it: the working directory first.

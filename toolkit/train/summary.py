@@ -131,27 +131,13 @@ def _rewards(run: RunFolder, results: list[StageResult], window: int = 10) -> li
 
 def _thoughts(results: list[StageResult]) -> list[str]:
     """Thought stages: whether baking reached the format bound, and the anti-theater verdict."""
-    lines = []
-    for r in results:
-        baked = (r.eval or {}).get("thoughts")
-        if baked:
-            verdict = "passed" if baked["passed"] else "NOT reached"
-            lines.append(
-                f"{r.name}: thought format accuracy {baked['format_accuracy']:.2f} at step {baked['step']} "
-                f"(bound {baked['bound']}): {verdict}; answers right {baked['accuracy']:.2f}"
-            )
-        theater = (r.eval or {}).get("theater")
-        if theater:
-            measured = (
-                f"accuracy with thoughts {theater['accuracy']:.3f}, thought ablated {theater['accuracy_ablated']:.3f} "
-                f"(gain {theater['ablation_gain']:+.3f}); divergence {theater['divergence']:.2f}; "
-                f"dependence {theater['dependence']:.2f}"
-            )
-            if theater["theater"]:
-                lines.append(f"{r.name}: THEATER: the thoughts do not carry the answers: {measured}")
-                lines += [f"  {reason}" for reason in theater["reasons"]]
-            else:
-                lines.append(f"{r.name}: thoughts matter (anti-theater checks passed): {measured}")
+    from toolkit.train.phases import thought_lines
+
+    lines = [
+        line if line.startswith("  ") else f"{r.name}: {line}"
+        for r in results
+        for line in thought_lines(r.eval or {})
+    ]
     return [*lines, ""] if lines else []
 
 

@@ -45,6 +45,7 @@ from toolkit.data.thoughts import (
     split_thought,
     thought_problems,
 )
+from toolkit.data.tokenizer import end_of_turn_ids
 from toolkit.io import read_jsonl, write_json
 from toolkit.stages import StageContext, StageOutcome
 from toolkit.train.thought_stages import BAKE_REPORT, THEATER_REPORT, BakeOptions, TheaterOptions
@@ -109,17 +110,11 @@ def generate_ids(
     return out
 
 
-def _stops(tokenizer: Any) -> list[int]:
-    from toolkit.data.tokenizer import end_of_turn_ids
-
-    return end_of_turn_ids(tokenizer)
-
-
 def answers_after(
     model: Any, tokenizer: Any, prefixes: list[list[int]], max_new_tokens: int = 24
 ) -> list[str]:
     """Greedy answers continuing each prefix (a prompt and a closed thought)."""
-    stops = _stops(tokenizer)
+    stops = end_of_turn_ids(tokenizer)
     return [
         decode_with_thoughts(tokenizer, ids).strip()
         for ids in generate_ids(model, tokenizer, prefixes, max_new_tokens, stops)
@@ -159,7 +154,7 @@ def gain_reward(model: Any, tokenizer: Any, limit: float = 5.0) -> Any:
 
     start = tokenizer.convert_tokens_to_ids(THOUGHT_START)
     end = tokenizer.convert_tokens_to_ids(THOUGHT_END)
-    eot = _stops(tokenizer)[:1]
+    eot = end_of_turn_ids(tokenizer)[:1]
 
     def answer_logprob(prefixes: list[list[int]], answers: list[list[int]]) -> list[float]:
         sequences = [p + a for p, a in zip(prefixes, answers, strict=True)]
@@ -218,7 +213,7 @@ def format_check(
     prefixes = [encode(tokenizer, prompt_text(tokenizer, r["prompt"])) for r in rows]
     texts = [
         decode_with_thoughts(tokenizer, ids)
-        for ids in generate_ids(model, tokenizer, prefixes, max_new_tokens, _stops(tokenizer))
+        for ids in generate_ids(model, tokenizer, prefixes, max_new_tokens, end_of_turn_ids(tokenizer))
     ]
     well_formed = [not thought_problems(t) for t in texts]
     right = [score(split_thought(t).answer, r["answer"]) for t, r in zip(texts, rows, strict=True)]
@@ -324,7 +319,7 @@ def theater_measures(
     start = tokenizer.convert_tokens_to_ids(THOUGHT_START)
     end = tokenizer.convert_tokens_to_ids(THOUGHT_END)
     prefixes = [encode(tokenizer, prompt_text(tokenizer, r["prompt"])) + [start] for r in rows]
-    stops = [end, *_stops(tokenizer)]
+    stops = [end, *end_of_turn_ids(tokenizer)]
     drawn = generate_ids(
         model,
         tokenizer,
