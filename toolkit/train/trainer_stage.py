@@ -201,6 +201,13 @@ def load_pretrained(
         raise ToolkitError(f"{where}.quantization: {error}") from None
     except (OSError, ValueError) as error:
         raise ToolkitError(f"{where}: cannot load '{source}': {error}") from None
+    except RuntimeError as error:  # transformers refuses weights of other shapes than the config's
+        if not spec.get("config") or "mismatched_sizes" not in str(error):
+            raise
+        raise ToolkitError(
+            f"{where}.config: {', '.join(spec['config'])} would change the shapes of the weights in '{source}'; "
+            "only keys that change how the model runs may be set over a pretrained model"
+        ) from None
 
 
 def overridden_config(source: str, spec: dict[str, Any], where: str) -> Any:

@@ -250,3 +250,22 @@ def test_anti_theater_tells_thoughts_that_matter_from_theater(tokenizer, honest)
         assert measured["accuracy_ablated"] == 1.0 and measured["dependence"] == 0.0
         assert measured["theater"]
         assert [r.split()[0] for r in measured["reasons"]] == ["ablation", "dependence"]
+
+
+def test_a_config_set_over_a_pretrained_model_keeps_its_shapes(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from toolkit.errors import ToolkitError
+    from toolkit.models import build_config, register_auto_classes
+    from toolkit.train.trainer_stage import load_pretrained
+
+    register_auto_classes()
+    AutoModelForCausalLM.from_config(build_config("decoder-tiny", vocab_size=64)).save_pretrained(tmp_path)
+    loaded = load_pretrained(str(tmp_path), {"config": {"rms_norm_eps": 1e-3}}, "stages.s.model")
+    assert loaded.config.rms_norm_eps == 1e-3
+    with pytest.raises(
+        ToolkitError, match=r"stages.s.model.config: intermediate_size would change the shapes"
+    ):
+        load_pretrained(str(tmp_path), {"config": {"intermediate_size": 100}}, "stages.s.model")
+    with pytest.raises(RecipeError, match=r"unknown key 'rms_norm_epss'.*did you mean 'rms_norm_eps'"):
+        load_pretrained(str(tmp_path), {"config": {"rms_norm_epss": 1.0}}, "stages.s.model")
