@@ -22,7 +22,7 @@ from toolkit.data.thoughts import (
     score_completions,
     shown,
 )
-from toolkit.data.tokenizer import end_of_turn_ids
+from toolkit.data.tokenizer import answer_budget, end_of_turn_ids
 
 
 @torch.no_grad()
@@ -136,21 +136,25 @@ def task_accuracy(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     rows: list[dict[str, Any]],
-    max_new_tokens: int = 24,
+    max_new_tokens: int | None = None,
     batch_size: int = 32,
     samples: int = 5,
     show_thoughts: bool = False,
 ) -> dict[str, Any]:
     """Overall and per-task accuracy on rows `{"task", "prompt", "answer"}`, with the first `samples` answers.
+    Answers get `max_new_tokens` (default: enough for the longest right answer, `answer_budget`), recorded.
     A model with thought tokens is also scored with its thoughts ablated (`accuracy_without_thoughts`), and
     `thought_format` is the share of its completions in the format; its samples carry the thought with
     `show_thoughts`."""
     prompts = [r["prompt"] for r in rows]
+    if max_new_tokens is None:
+        max_new_tokens = answer_budget(tokenizer, [r["answer"] for r in rows])
     if not has_thought_tokens(tokenizer):
         predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
         return {
             **score_answers(rows, predictions, samples),
             "answer_nll": answer_nll(model, tokenizer, rows, batch_size),
+            "max_new_tokens": max_new_tokens,
         }
     completions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, show_thoughts=True)
     ablated = generate_answers(
@@ -162,4 +166,5 @@ def task_accuracy(
         "accuracy_without_thoughts": without["accuracy"],
         "per_task_without_thoughts": without["per_task"],
         "answer_nll": answer_nll(model, tokenizer, rows, batch_size),
+        "max_new_tokens": max_new_tokens,
     }

@@ -37,7 +37,7 @@ class EvalOptions:
     )  # checkable tasks: task, prompt, answer
     perplexity: str | None = field(default=None, metadata={"input": "file"})  # jsonl with a text column
     stride: int | None = None  # perplexity over a sliding 256-token window moved this far (default: none)
-    max_new_tokens: int = 24
+    max_new_tokens: int | None = None  # default: the longest right answer in `tasks` + 8 (answer_budget)
     limit: int | None = None  # the first N rows of `tasks`
     batch_size: int = 32
     samples: int = 5  # answers kept in eval.json to read

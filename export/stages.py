@@ -58,11 +58,14 @@ def gguf_task_scores(
     from export.llama_cpp import chat_answers, chat_completions
     from toolkit.data.tasks import score_answers
     from toolkit.data.thoughts import THOUGHT_BUDGET, has_thought_tokens, score_completions
+    from toolkit.data.tokenizer import answer_budget
 
     prompts = [r["prompt"] for r in rows]
-    if not has_thought_tokens(AutoTokenizer.from_pretrained(source)):
-        return score_answers(rows, chat_answers(path, prompts, options["max_new_tokens"]), options["samples"])
-    completions = chat_completions(path, prompts, options["max_new_tokens"] + THOUGHT_BUDGET)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    budget = options["max_new_tokens"] or answer_budget(tokenizer, [r["answer"] for r in rows])
+    if not has_thought_tokens(tokenizer):
+        return score_answers(rows, chat_answers(path, prompts, budget), options["samples"])
+    completions = chat_completions(path, prompts, budget + THOUGHT_BUDGET)
     return score_completions(rows, completions, options["samples"], options.get("show_thoughts", False))
 
 

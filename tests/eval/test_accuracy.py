@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from eval.accuracy import answer_nll, answer_spans, score_answers
-from toolkit.data.tokenizer import train_tokenizer
+from eval.accuracy import answer_nll, answer_spans, score_answers, task_accuracy
+from toolkit.data.tokenizer import ANSWER_MARGIN, answer_budget, train_tokenizer
 from toolkit.models import build_config
 from toolkit.models.decoder import DecoderForCausalLM
 
@@ -53,3 +53,20 @@ def test_score_answers_per_task():
     assert result["accuracy"] == 1.0 and result["per_task"] == {"addition": 1.0, "copy": 1.0}
     result = score_answers(ROWS, ["43", "blue river"])
     assert result["accuracy"] == 0.5 and result["per_task"]["addition"] == 0.0
+
+
+def test_answers_get_enough_tokens_for_the_longest_right_answer(tokenizer):
+    """A fixed limit cut long answers short (tool calls of 25-29 tokens under a 24-token limit), so they could
+    only be scored wrong: the default budget is the longest answer's tokens, end of turn included, plus a
+    margin, and it is recorded with the result."""
+    long = {"task": "copy", "prompt": "Repeat after me: blue river", "answer": "blue river " * 12}
+    needed = len(tokenizer(long["answer"], add_special_tokens=False)["input_ids"]) + 1
+    assert answer_budget(tokenizer, [r["answer"] for r in [*ROWS, long]]) == needed + ANSWER_MARGIN
+    torch.manual_seed(0)
+    model = DecoderForCausalLM(
+        build_config("decoder-tiny", vocab_size=len(tokenizer), num_hidden_layers=1)
+    ).eval()
+    model.generation_config.eos_token_id = None
+    result = task_accuracy(model, tokenizer, [*ROWS, long], samples=0)
+    assert result["max_new_tokens"] == needed + ANSWER_MARGIN > 24
+    assert task_accuracy(model, tokenizer, ROWS, max_new_tokens=5, samples=0)["max_new_tokens"] == 5

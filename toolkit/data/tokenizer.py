@@ -202,3 +202,21 @@ def folder_eos_ids(folder: str | Path) -> list[int]:
         value = json.loads(path.read_text()).get("eos_token_id") if path.exists() else None
         ids += [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
     return ids
+
+
+ANSWER_MARGIN = 8  # tokens beyond the longest right answer: room for a near miss to show what it was
+
+
+def answer_tokens(tokenizer: Any, answers: Iterable[str]) -> list[int]:
+    """Tokens each answer takes in `tokenizer`, the end-of-turn token included: what a model must generate
+    before its answer is complete."""
+    return [len(tokenizer(str(a), add_special_tokens=False)["input_ids"]) + 1 for a in answers]
+
+
+def answer_budget(tokenizer: Any, answers: Iterable[str], margin: int = ANSWER_MARGIN) -> int:
+    """New tokens enough for the longest right answer, plus `margin`: the generation limit for scoring answers.
+
+    A fixed limit is wrong for some tokenizer and task: with the quickstart's 2048-token vocabulary half of the
+    held-out tool calls take 25-29 tokens, and a 24-token limit cut every one of them short, so they could only
+    be scored wrong."""
+    return max(answer_tokens(tokenizer, answers), default=0) + margin

@@ -166,8 +166,46 @@ def reward_function(
 
 
 def config_values(ctx: StageContext, tokenizer: Any) -> dict[str, Any]:
-    """TRL's `reward_weights`, from the section's weights."""
+    """TRL's `reward_weights`, from the section's weights; says first when `max_completion_length` is too
+    short for some of the data's right answers."""
+    if warning := truncation_warning(ctx.stage, tokenizer):
+        from toolkit.train.runner import distributed_state
+
+        if distributed_state().is_main_process:
+            print(warning, flush=True)
     return {"reward_weights": [entry["weight"] for entry in ctx.stage.options or []]}
+
+
+def truncation_warning(stage: Any, tokenizer: Any) -> str | None:
+    """A warning when the stage's `max_completion_length` is shorter than some `answer` of its data takes in
+    the model's tokens (end of turn included): such a completion is cut off before the answer ends, so an
+    exact-answer reward can never score it right, and its group teaches nothing. None when all fit."""
+    from toolkit.data.loading import DataSource, open_source
+    from toolkit.data.tokenizer import answer_tokens
+
+    limit = stage.train.get("max_completion_length")
+    if limit is None or tokenizer is None:
+        return None
+    answers, paths = [], []
+    for entry in stage.data.get("sources") or []:
+        try:
+            source = DataSource.from_dict(dict(entry) if isinstance(entry, dict) else {"path": entry}, where="")
+            rows, _ = open_source(source)
+            found = [r.data["answer"] for r in rows() if isinstance((r.data or {}).get("answer"), str)]
+        except Exception:  # unreadable data is reported by the data checks, with file and line
+            continue
+        answers += found
+        paths += [source.path] if found else []
+    lengths = answer_tokens(tokenizer, answers)
+    over = [n for n in lengths if n > limit]
+    if not over:
+        return None
+    return (
+        f"warning: stages.{stage.name}.train.max_completion_length={limit} is shorter than {len(over)} of the "
+        f"{len(lengths)} answers in {', '.join(paths)} (the longest takes {max(over)} tokens with its end of "
+        f"turn): those completions are cut off before the answer ends and can never be scored right; "
+        f"max_completion_length: {max(over)} fits them all"
+    )
 
 
 def reward_model_path(value: str, run_dir: Any, recipe: Any = None) -> str:

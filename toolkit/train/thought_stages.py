@@ -38,7 +38,7 @@ class TheaterOptions:
     samples: int = 4  # thoughts sampled per prompt
     check_every: int = 10  # steps; and once at the end
     temperature: float = 1.0
-    max_new_tokens: int = 64  # for the thought; the answer after it gets 24
+    max_new_tokens: int = 64  # for the thought; the answer after it gets answer_budget
     min_divergence: float = 0.3
     min_ablation_gain: float = 0.02
     min_dependence: float = 0.5

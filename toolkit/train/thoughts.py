@@ -45,7 +45,7 @@ from toolkit.data.thoughts import (
     split_thought,
     thought_problems,
 )
-from toolkit.data.tokenizer import end_of_turn_ids
+from toolkit.data.tokenizer import answer_budget, end_of_turn_ids
 from toolkit.io import read_jsonl, write_json
 from toolkit.stages import StageContext, StageOutcome
 from toolkit.train.thought_stages import BAKE_REPORT, THEATER_REPORT, BakeOptions, TheaterOptions
@@ -110,9 +110,7 @@ def generate_ids(
     return out
 
 
-def answers_after(
-    model: Any, tokenizer: Any, prefixes: list[list[int]], max_new_tokens: int = 24
-) -> list[str]:
+def answers_after(model: Any, tokenizer: Any, prefixes: list[list[int]], max_new_tokens: int) -> list[str]:
     """Greedy answers continuing each prefix (a prompt and a closed thought)."""
     stops = end_of_turn_ids(tokenizer)
     return [
@@ -333,13 +331,17 @@ def theater_measures(
     thoughts = [[t for t in ids if t not in stops] for ids in drawn]
     closed = [bool(ids) and ids[-1] == end for ids in drawn]
     n, k = len(rows), options.samples
-    own = answers_after(model, tokenizer, [prefixes[i // k] + t + [end] for i, t in enumerate(thoughts)])
-    ablated = answers_after(model, tokenizer, [p + [end] for p in prefixes])
+    budget = answer_budget(tokenizer, [r["answer"] for r in rows])
+    own = answers_after(
+        model, tokenizer, [prefixes[i // k] + t + [end] for i, t in enumerate(thoughts)], budget
+    )
+    ablated = answers_after(model, tokenizer, [p + [end] for p in prefixes], budget)
     # the thought of the next prompt (same sample index): a derangement whenever there are two prompts or more
     swapped = answers_after(
         model,
         tokenizer,
         [prefixes[i // k] + thoughts[((i // k + 1) % n) * k + i % k] + [end] for i in range(n * k)],
+        budget,
     )
     answers = [r["answer"] for r in rows for _ in range(k)]
     accuracy = sum(score(a, r) for a, r in zip(own, answers, strict=True)) / (n * k)
