@@ -34,10 +34,14 @@ def generate_answers(
     batch_size: int = 32,
     show_thoughts: bool = False,
     answer_prefix: str = "",
+    sampled: int = 0,
+    temperature: float = 1.0,
 ) -> list[str]:
-    """Greedy answers to single-turn user prompts, decoded without special tokens. A model with thought
-    tokens thinks first (THOUGHT_BUDGET more tokens): its answers are what follows the thought, or the whole
-    completion with `show_thoughts`. `answer_prefix` is forced after the prompt (e.g. an empty thought)."""
+    """Greedy answers to single-turn user prompts, decoded without special tokens; with `sampled`, that many
+    answers per prompt (prompt by prompt) drawn from the model's whole distribution at `temperature`, as an RL
+    stage draws them. A model with thought tokens thinks first (THOUGHT_BUDGET more tokens): its answers are
+    what follows the thought, or the whole completion with `show_thoughts`. `answer_prefix` is forced after the
+    prompt (e.g. an empty thought)."""
     thinking = has_thought_tokens(tokenizer)
     if thinking:
         max_new_tokens += THOUGHT_BUDGET
@@ -58,10 +62,11 @@ def generate_answers(
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
                 model.device
             )
+            drawing = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
             output = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
+                **(drawing | {"num_return_sequences": sampled} if sampled else {"do_sample": False}),
                 eos_token_id=end_of_turn_ids(tokenizer),
                 pad_token_id=tokenizer.pad_token_id,
             )
@@ -140,21 +145,46 @@ def task_accuracy(
     batch_size: int = 32,
     samples: int = 5,
     show_thoughts: bool = False,
+    sampled: int = 0,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     """Overall and per-task accuracy on rows `{"task", "prompt", "answer"}`, with the first `samples` answers.
     Answers get `max_new_tokens` (default: enough for the longest right answer, `answer_budget`), recorded.
+    With `sampled`, also `sampled_accuracy` (and per task): the mean score of that many answers per prompt drawn
+    at `temperature`, the expected exact-answer reward that an RL stage raises (a fixed draw: seed 0, without
+    touching the caller's random state).
     A model with thought tokens is also scored with its thoughts ablated (`accuracy_without_thoughts`), and
     `thought_format` is the share of its completions in the format; its samples carry the thought with
     `show_thoughts`."""
     prompts = [r["prompt"] for r in rows]
     if max_new_tokens is None:
         max_new_tokens = answer_budget(tokenizer, [r["answer"] for r in rows])
+    drawn: dict[str, Any] = {}
+    if sampled:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            answers = generate_answers(
+                model,
+                tokenizer,
+                prompts,
+                max_new_tokens,
+                batch_size,
+                sampled=sampled,
+                temperature=temperature,
+            )
+        scored = score_answers([r for r in rows for _ in range(sampled)], answers, 0)
+        drawn = {
+            "sampled_accuracy": scored["accuracy"],
+            "per_task_sampled": scored["per_task"],
+            "sampled": {"per_prompt": sampled, "temperature": temperature},
+        }
     if not has_thought_tokens(tokenizer):
         predictions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
         return {
             **score_answers(rows, predictions, samples),
             "answer_nll": answer_nll(model, tokenizer, rows, batch_size),
             "max_new_tokens": max_new_tokens,
+            **drawn,
         }
     completions = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, show_thoughts=True)
     ablated = generate_answers(
@@ -167,4 +197,5 @@ def task_accuracy(
         "per_task_without_thoughts": without["per_task"],
         "answer_nll": answer_nll(model, tokenizer, rows, batch_size),
         "max_new_tokens": max_new_tokens,
+        **drawn,
     }

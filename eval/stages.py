@@ -43,6 +43,10 @@ class EvalOptions:
     samples: int = 5  # answers kept in eval.json to read
     before: bool = False  # also the stage's starting model, before it trains (kept under "before")
     show_thoughts: bool = False  # a thought model's samples carry its whole completion, thought included
+    sampled: int = (
+        0  # also this many answers per prompt drawn at `temperature`: their mean score (an RL reward)
+    )
+    temperature: float = 1.0
 
 
 def load_model_folder(folder: str | Path) -> tuple[Any, Any]:
@@ -74,6 +78,8 @@ def evaluate_model(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str
             batch_size=spec["batch_size"],
             samples=spec["samples"],
             show_thoughts=spec.get("show_thoughts", False),
+            sampled=spec.get("sampled", 0),
+            temperature=spec.get("temperature", 1.0),
         )
     if spec["perplexity"]:
         texts = [r["text"] for r in read_jsonl(spec["perplexity"])]

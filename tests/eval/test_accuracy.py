@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eval.accuracy import answer_nll, answer_spans, score_answers, task_accuracy
+from eval.accuracy import answer_nll, answer_spans, generate_answers, score_answers, task_accuracy
 from toolkit.data.tokenizer import ANSWER_MARGIN, answer_budget, train_tokenizer
 from toolkit.models import build_config
 from toolkit.models.decoder import DecoderForCausalLM
@@ -70,3 +70,27 @@ def test_answers_get_enough_tokens_for_the_longest_right_answer(tokenizer):
     result = task_accuracy(model, tokenizer, [*ROWS, long], samples=0)
     assert result["max_new_tokens"] == needed + ANSWER_MARGIN > 24
     assert task_accuracy(model, tokenizer, ROWS, max_new_tokens=5, samples=0)["max_new_tokens"] == 5
+
+
+def test_sampled_accuracy_scores_a_fixed_draw_and_leaves_the_random_state_alone(tokenizer):
+    """`sampled` answers per prompt, drawn at the temperature an RL stage samples at, scored by the same rule:
+    the expected exact-answer reward. The draw is fixed (seed 0) and the caller's random state is untouched."""
+    torch.manual_seed(1)
+    model = DecoderForCausalLM(
+        build_config("decoder-tiny", vocab_size=len(tokenizer), num_hidden_layers=1)
+    ).eval()
+    rows = [*ROWS, {"task": "copy", "prompt": "Repeat after me: blue", "answer": "blue"}]
+    torch.manual_seed(7)
+    first = task_accuracy(model, tokenizer, rows, max_new_tokens=3, samples=0, sampled=4)
+    after = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(torch.rand(3), after)  # the evaluation drew from its own generator state
+    again = task_accuracy(model, tokenizer, rows, max_new_tokens=3, samples=0, sampled=4)
+    assert first["sampled_accuracy"] == again["sampled_accuracy"]
+    assert first["sampled"] == {"per_prompt": 4, "temperature": 1.0}
+    torch.manual_seed(0)
+    drawn = generate_answers(model, tokenizer, [r["prompt"] for r in rows], 3, sampled=4)
+    assert len(drawn) == 12 and len(set(drawn)) > 1  # drawn, not greedy
+    reference = score_answers([r for r in rows for _ in range(4)], drawn)
+    assert first["sampled_accuracy"] == reference["accuracy"]
+    assert first["per_task_sampled"] == reference["per_task"]

@@ -189,7 +189,9 @@ def truncation_warning(stage: Any, tokenizer: Any) -> str | None:
     answers, paths = [], []
     for entry in stage.data.get("sources") or []:
         try:
-            source = DataSource.from_dict(dict(entry) if isinstance(entry, dict) else {"path": entry}, where="")
+            source = DataSource.from_dict(
+                dict(entry) if isinstance(entry, dict) else {"path": entry}, where=""
+            )
             rows, _ = open_source(source)
             found = [r.data["answer"] for r in rows() if isinstance((r.data or {}).get("answer"), str)]
         except Exception:  # unreadable data is reported by the data checks, with file and line

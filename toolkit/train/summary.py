@@ -13,8 +13,9 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
     """A plain-text report of a finished run (what `toolkit train` prints last)."""
     lines = [f"Run {run_dir}", ""]
     legend = (
-        "accuracy: exact answers to held-out questions; answer nll: nats per token of the right answer "
-        "(lower is better); perplexity: on held-out text"
+        "accuracy: exact answers to held-out questions (greedy); sampled: the mean score of answers drawn "
+        "from the model (an RL stage's expected exact-answer reward); answer nll: nats per token of the right "
+        "answer (lower is better); perplexity: on held-out text"
     )
     # A side-by-side report (an `evaluate` stage) is printed whole, last.
     evaluated = [r for r in results if r.eval and ("tasks" in r.eval or "perplexity" in r.eval)]
@@ -23,9 +24,11 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
         tasks = sorted({t for r in evaluated for t in r.eval.get("tasks", {}).get("per_task", {})})
         # Models with thought tokens are also scored with the thought ablated (an empty thought).
         thinking = any("accuracy_without_thoughts" in m.get("tasks", {}) for _, m in _evaluations(evaluated))
+        drawn = any("sampled_accuracy" in m.get("tasks", {}) for _, m in _evaluations(evaluated))
         header = [
             "stage",
             "accuracy",
+            *(["sampled"] if drawn else []),
             *(["no thoughts"] if thinking else []),
             "answer nll",
             "perplexity",
@@ -36,10 +39,12 @@ def format_summary(run_dir: Path, results: list[StageResult]) -> str:
             acc = measured.get("tasks", {})
             ppl = measured.get("perplexity", {}).get("perplexity")
             ablated = acc.get("accuracy_without_thoughts")
+            sampled = acc.get("sampled_accuracy")
             rows.append(
                 [
                     name,
                     f"{acc['accuracy']:.3f}" if acc else "-",
+                    *([f"{sampled:.3f}" if sampled is not None else "-"] if drawn else []),
                     *([f"{ablated:.3f}" if ablated is not None else "-"] if thinking else []),
                     f"{acc['answer_nll']:.3f}" if "answer_nll" in acc else "-",
                     f"{ppl:.2f}" if ppl else "-",
