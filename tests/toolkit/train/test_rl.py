@@ -86,9 +86,11 @@ def metrics(work: Path, name: str, stage: str) -> list[dict]:
 
 
 def test_grpo_raises_the_reward_and_reports_each_step(work):
-    eval_section = {"tasks": "heldout.jsonl", "samples": 2, "before": True}
+    eval_section = {"tasks": "heldout.jsonl", "samples": 2, "before": True, "sampled": 2}
     result = toolkit_train(work, "g", stage("grpo", eval=eval_section))
     assert result.returncode == 0, result.stderr[-3000:]
+    # 12 tokens cannot hold the tool calls among the 64 prompts: said before training, not discovered after
+    assert "warning: stages.grpo.train.max_completion_length=12 is shorter than" in result.stdout
     rows = [r for r in metrics(work, "g", "grpo") if "reward" in r]
     rewards = [r["reward"] for r in rows]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.1, rewards
@@ -105,6 +107,9 @@ def test_grpo_raises_the_reward_and_reports_each_step(work):
     } <= plots
     evaluation = json.loads((work / "runs" / "g" / "grpo" / "eval.json").read_text())
     assert evaluation["tasks"]["n"] == evaluation["before"]["tasks"]["n"] == 16
+    for measured in (evaluation["tasks"], evaluation["before"]["tasks"]):  # the held-out expected reward
+        assert 0.0 <= measured["sampled_accuracy"] <= 1.0 and measured["sampled"]["per_prompt"] == 2
+    assert "sampled" in result.stdout.split("Held-out prompts")[0]  # its column in the summary's table
     config = json.loads((work / "runs" / "g" / "grpo" / "final" / "config.json").read_text())
     assert config["model_type"] == "decoder" and "auto_map" not in config
 
