@@ -45,6 +45,15 @@ def generate_answers(
     thinking = has_thought_tokens(tokenizer)
     if thinking:
         max_new_tokens += THOUGHT_BUDGET
+    decoding: dict[str, Any] = {"do_sample": False}
+    if sampled:  # pure sampling, as TRL's RL trainers draw by default
+        decoding = {
+            "do_sample": True,
+            "temperature": temperature,
+            "top_k": 0,
+            "top_p": 1.0,
+            "num_return_sequences": sampled,
+        }
     was_training = model.training
     model.eval()
     side = tokenizer.padding_side
@@ -62,11 +71,10 @@ def generate_answers(
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
                 model.device
             )
-            drawing = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
             output = model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
-                **(drawing | {"num_return_sequences": sampled} if sampled else {"do_sample": False}),
+                **decoding,
                 eos_token_id=end_of_turn_ids(tokenizer),
                 pad_token_id=tokenizer.pad_token_id,
             )

@@ -43,9 +43,7 @@ class EvalOptions:
     samples: int = 5  # answers kept in eval.json to read
     before: bool = False  # also the stage's starting model, before it trains (kept under "before")
     show_thoughts: bool = False  # a thought model's samples carry its whole completion, thought included
-    sampled: int = (
-        0  # also this many answers per prompt drawn at `temperature`: their mean score (an RL reward)
-    )
+    sampled: int = 0  # also N answers per prompt drawn at `temperature`: their mean score (an RL reward)
     temperature: float = 1.0
 
 

@@ -180,7 +180,6 @@ def truncation_warning(stage: Any, tokenizer: Any) -> str | None:
     """A warning when the stage's `max_completion_length` is shorter than some `answer` of its data takes in
     the model's tokens (end of turn included): such a completion is cut off before the answer ends, so an
     exact-answer reward can never score it right, and its group teaches nothing. None when all fit."""
-    from toolkit.data.loading import DataSource, open_source
     from toolkit.data.tokenizer import answer_tokens
 
     limit = stage.train.get("max_completion_length")
@@ -188,16 +187,10 @@ def truncation_warning(stage: Any, tokenizer: Any) -> str | None:
         return None
     answers, paths = [], []
     for entry in stage.data.get("sources") or []:
-        try:
-            source = DataSource.from_dict(
-                dict(entry) if isinstance(entry, dict) else {"path": entry}, where=""
-            )
-            rows, _ = open_source(source)
-            found = [r.data["answer"] for r in rows() if isinstance((r.data or {}).get("answer"), str)]
-        except Exception:  # unreadable data is reported by the data checks, with file and line
-            continue
+        rows, path = _source_rows(entry) or ([], "")
+        found = [row["answer"] for row in rows if isinstance(row.get("answer"), str)]
         answers += found
-        paths += [source.path] if found else []
+        paths += [path] if found else []
     lengths = answer_tokens(tokenizer, answers)
     over = [n for n in lengths if n > limit]
     if not over:
@@ -247,21 +240,24 @@ def trainer_rewards(ctx: StageContext, model: Any, tokenizer: Any, peft_config: 
     return extras
 
 
-def _first_rows(stage: Any, count: int = 2) -> tuple[list[dict[str, Any]], str] | None:
-    """The first rows of the stage's first data source, as read (before normalisation), and its path; None when
-    it cannot be read (the data checks report why)."""
+def _source_rows(entry: dict[str, Any], count: int | None = None) -> tuple[list[dict[str, Any]], str] | None:
+    """The rows of one data source (all, or the first `count`), as read (before normalisation), and its path;
+    None when it cannot be read (the data checks report why, with file and line)."""
     from toolkit.data.loading import DataSource, open_source
 
-    sources = stage.data.get("sources") or []
-    if not sources:
-        return None
     try:
-        source = DataSource.from_dict(dict(sources[0]), where="")
+        source = DataSource.from_dict(dict(entry), where="")
         rows, _ = open_source(source)
-        first = [r.data for r in itertools.islice(rows(), count) if r.data is not None]
-    except Exception:  # reported by the data checks, with file and line
+        return [r.data for r in itertools.islice(rows(), count) if r.data is not None], source.path
+    except Exception:
         return None
-    return (first, source.path) if first else None
+
+
+def _first_rows(stage: Any, count: int = 2) -> tuple[list[dict[str, Any]], str] | None:
+    """The first rows of the stage's first data source and its path; None when there are none to read."""
+    sources = stage.data.get("sources") or []
+    found = _source_rows(sources[0], count) if sources else None
+    return found if found and found[0] else None
 
 
 def preflight(stage: Any, at: str, problems: Problems, recipe: Any = None) -> None:

@@ -49,7 +49,7 @@ def test_a_completion_limit_shorter_than_the_answers_is_named(tmp_path):
 
     def stage(limit):
         return SimpleNamespace(
-            name="grpo", train={"max_completion_length": limit}, data={"sources": [str(data)]}
+            name="grpo", train={"max_completion_length": limit}, data={"sources": [{"path": str(data)}]}
         )
 
     warning = truncation_warning(stage(long - 1), tokenizer)
@@ -57,6 +57,8 @@ def test_a_completion_limit_shorter_than_the_answers_is_named(tmp_path):
     assert f"max_completion_length: {long} fits them all" in warning
     assert truncation_warning(stage(long), tokenizer) is None
     assert (
-        truncation_warning(SimpleNamespace(name="grpo", train={}, data={"sources": [str(data)]}), tokenizer)
+        truncation_warning(
+            SimpleNamespace(name="grpo", train={}, data={"sources": [{"path": str(data)}]}), tokenizer
+        )
         is None
     )
