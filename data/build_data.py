@@ -73,7 +73,7 @@ SIZES = {
     "sft": 3000,
     "preference": 1500,
     "unpaired": 1000,
-    "rl": 500,
+    "rl": 1000,
     "alpaca": 20,
     "sharegpt": 25,
     "eval": 300,
@@ -164,7 +164,10 @@ def build_task_files() -> list[dict]:
     # The SFT problems again, each answer with a reasoning trace in the thought-token format.
     write_jsonl(DATA / "thoughts" / "train.jsonl", thoughts.make_traces(sft, SEEDS["thoughts"]))
 
-    rl = tasks.make_examples(SIZES["rl"], SEEDS["rl"])
+    # RL prompts are problems the SFT set does not hold. An RL stage starts from an SFT model, and on a problem
+    # it was trained on its sampled answers mostly all score alike: no reward variance, nothing to learn, and a
+    # training reward that measures recall. Held-out gains come from problems it has to solve.
+    rl = tasks.make_examples(SIZES["rl"], SEEDS["rl"], exclude={_problem(r) for r in sft})
     write_jsonl(
         DATA / "rl" / "prompts.jsonl",
         [

@@ -24,7 +24,7 @@ import re
 import string
 import zlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 Slots = dict[str, str]
@@ -307,11 +307,18 @@ def split_of(task: str, slots: Slots) -> str:
     return "heldout" if zlib.crc32(problem_key(task, slots).encode()) % HELDOUT_ONE_IN == 0 else "train"
 
 
-def make_examples(n: int, seed: int, tasks: list[str] | None = None, split: str = "train") -> list[dict]:
+def make_examples(
+    n: int,
+    seed: int,
+    tasks: list[str] | None = None,
+    split: str = "train",
+    exclude: Collection[str] = (),
+) -> list[dict]:
     """`n` rows `{"task", "prompt", "answer"}`, distinct prompts, balanced across `tasks` (default: all).
 
-    Deterministic for a given (n, seed, tasks, split). Only problems of `split` ('train' or 'heldout') are
-    drawn, so rows from the two splits never share a problem, whatever the seeds.
+    Deterministic for a given (n, seed, tasks, split, exclude). Only problems of `split` ('train' or
+    'heldout') are drawn, so rows from the two splits never share a problem, whatever the seeds; problems
+    whose `problem_key` is in `exclude` are never drawn (e.g. an RL set apart from the SFT set's problems).
     """
     if split not in ("train", "heldout"):
         raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
@@ -328,7 +335,11 @@ def make_examples(n: int, seed: int, tasks: list[str] | None = None, split: str 
         for _ in range(10_000):  # rejection sampling; the bound only trips when a family is exhausted
             slots = task.sample(rng)
             prompt = rng.choice(_templates_for(task, slots)).format(**slots)
-            if prompt not in seen and split_of(name, slots) == split:
+            if (
+                prompt not in seen
+                and split_of(name, slots) == split
+                and problem_key(name, slots) not in exclude
+            ):
                 break
         else:
             raise ValueError(f"task {name!r} has run out of distinct {split} prompts after {i} rows")

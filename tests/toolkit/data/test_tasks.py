@@ -242,7 +242,7 @@ def test_shipped_sizes(shipped):
         "sft/alpaca_sample": 20,
         "sft/sharegpt_sample": 20,
         "preference/train": 1500,
-        "rl/prompts": 500,
+        "rl/prompts": 1000,
         "eval/heldout": 300,
     }
     assert set(Counter(r["task"] for r in shipped["eval/heldout"]).values()) == {50}
@@ -260,6 +260,28 @@ def test_heldout_is_disjoint_from_every_training_file(shipped):
         for r in heldout
         if tasks.problem_key(r["task"], tasks.parse_prompt(r["task"], r["prompt"])) in trained
     ]
+
+
+def test_rl_prompts_are_problems_the_sft_set_does_not_hold(shipped):
+    def problem(task, prompt):
+        return tasks.problem_key(task, tasks.parse_prompt(task, prompt))
+
+    sft = {problem(r["task"], r["messages"][0]["content"]) for r in shipped["sft/train"]}
+    rl = [problem(r["task"], r["prompt"][0]["content"]) for r in shipped["rl/prompts"]]
+    assert sft.isdisjoint(rl)
+    assert set(Counter(r["task"] for r in shipped["rl/prompts"]).values()) == {166, 167}
+
+
+def test_make_examples_never_draws_an_excluded_problem():
+    def problems(rows):
+        return [tasks.problem_key(r["task"], tasks.parse_prompt(r["task"], r["prompt"])) for r in rows]
+
+    taken = set(problems(tasks.make_examples(600, seed=1)))
+    rows = tasks.make_examples(600, seed=2, exclude=taken)
+    assert taken.isdisjoint(problems(rows))
+    assert len(rows) == 600
+    # Without the exclusion the same seed draws some of them: the exclusion is what keeps them apart.
+    assert not taken.isdisjoint(problems(tasks.make_examples(600, seed=2)))
 
 
 def test_corpus_is_a_few_megabytes_of_documents_without_heldout_facts(shipped):
