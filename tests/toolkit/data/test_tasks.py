@@ -26,6 +26,16 @@ FACTORS = {
 }
 
 
+def problem(task: str, prompt: str) -> str:
+    """The problem a prompt asks, whatever its wording."""
+    return tasks.problem_key(task, tasks.parse_prompt(task, prompt))
+
+
+def problems(rows: list[dict]) -> list[str]:
+    """The problems of rows `{"task", "prompt", ...}`, as make_examples writes them."""
+    return [problem(r["task"], r["prompt"]) for r in rows]
+
+
 def expected_answer(task: str, prompt: str) -> str:
     """The answer to `prompt`, computed from the prompt text alone."""
     numbers = [int(n) for n in re.findall(r"\d+", prompt)]
@@ -96,12 +106,9 @@ def test_task_subset_and_unknown_task():
 
 
 def test_train_and_heldout_never_share_a_problem():
-    def problems(rows):
-        return {tasks.problem_key(r["task"], tasks.parse_prompt(r["task"], r["prompt"])) for r in rows}
-
     train = tasks.make_examples(3000, seed=1)
     heldout = tasks.make_examples(300, seed=1, split="heldout")  # same seed on purpose: the split decides
-    assert problems(train).isdisjoint(problems(heldout))
+    assert set(problems(train)).isdisjoint(problems(heldout))
     assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in heldout)
     assert all(
         tasks.split_of(r["task"], tasks.parse_prompt(r["task"], r["prompt"])) == "heldout" for r in heldout
@@ -254,18 +261,11 @@ def test_heldout_is_disjoint_from_every_training_file(shipped):
     asked = {prompt for _, prompt in questions}
     assert not [r["prompt"] for r in heldout if r["prompt"] in asked]
     # Not only the wording: no held-out problem is asked in training under another template either.
-    trained = {tasks.problem_key(t, tasks.parse_prompt(t, p)) for t, p in questions if t}
-    assert not [
-        r["prompt"]
-        for r in heldout
-        if tasks.problem_key(r["task"], tasks.parse_prompt(r["task"], r["prompt"])) in trained
-    ]
+    trained = {problem(t, p) for t, p in questions if t}
+    assert not [r["prompt"] for r in heldout if problem(r["task"], r["prompt"]) in trained]
 
 
 def test_rl_prompts_are_problems_the_sft_set_does_not_hold(shipped):
-    def problem(task, prompt):
-        return tasks.problem_key(task, tasks.parse_prompt(task, prompt))
-
     sft = {problem(r["task"], r["messages"][0]["content"]) for r in shipped["sft/train"]}
     rl = [problem(r["task"], r["prompt"][0]["content"]) for r in shipped["rl/prompts"]]
     assert sft.isdisjoint(rl)
@@ -273,9 +273,6 @@ def test_rl_prompts_are_problems_the_sft_set_does_not_hold(shipped):
 
 
 def test_make_examples_never_draws_an_excluded_problem():
-    def problems(rows):
-        return [tasks.problem_key(r["task"], tasks.parse_prompt(r["task"], r["prompt"])) for r in rows]
-
     taken = set(problems(tasks.make_examples(600, seed=1)))
     rows = tasks.make_examples(600, seed=2, exclude=taken)
     assert taken.isdisjoint(problems(rows))
@@ -308,7 +305,7 @@ def test_total_shipped_size_stays_small():
 def test_markup_corpora_ask_no_heldout_problem():
     """tools.jsonl and perspectives.jsonl pair problems with answers: none of them may be a held-out one."""
     heldout = read_jsonl(DATA / "eval" / "heldout.jsonl")
-    held = {tasks.problem_key(r["task"], tasks.parse_prompt(r["task"], r["prompt"])) for r in heldout}
+    held = set(problems(heldout))
     found = 0
     for name, marker in (("tools", "<tool>"), ("perspectives", "<perspective>question</perspective> ")):
         rows = read_jsonl(DATA / "corpus" / f"{name}.jsonl")
